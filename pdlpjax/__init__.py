@@ -1,0 +1,76 @@
+"""pdlpjax: a JAX Monte Carlo engine for Perpetual Demand Lending Pools.
+
+The public API is what this module exports; submodules are documented but may change.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .build import make_model, make_params, make_spec
+from .config import Config, ConfigError, config_hash, load_config, resolve_dynamic
+from .data import Closes, DataError, load_closes, log_returns
+from .metrics import ReturnStats, finalize_stats, init_stats, mean_ci, update_stats
+from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams
+from .pool import MarketParams, PoolParams, PoolState, pool_value, share_price, weights
+from .results import run_config
+from .simulate import (
+    Params,
+    Record,
+    SimResult,
+    SimSpec,
+    SimState,
+    init_state,
+    pool_keys,
+    rollout,
+    rollout_from_noise,
+    simulate,
+    step,
+)
+
+try:
+    __version__ = version("pdlpjax")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+local"
+
+__all__ = [
+    "AbstractPathModel",
+    "Bootstrap",
+    "Closes",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "GBM",
+    "Garch",
+    "MarketParams",
+    "MertonJump",
+    "Params",
+    "PathParams",
+    "PoolParams",
+    "PoolState",
+    "Record",
+    "ReturnStats",
+    "SimResult",
+    "SimSpec",
+    "SimState",
+    "config_hash",
+    "finalize_stats",
+    "init_state",
+    "init_stats",
+    "load_closes",
+    "load_config",
+    "log_returns",
+    "make_model",
+    "make_params",
+    "make_spec",
+    "mean_ci",
+    "pool_keys",
+    "pool_value",
+    "resolve_dynamic",
+    "rollout",
+    "rollout_from_noise",
+    "run_config",
+    "share_price",
+    "simulate",
+    "step",
+    "update_stats",
+    "weights",
+]

@@ -1,0 +1,80 @@
+"""From a validated `Config` to the simulation's inputs: params, path model and static spec."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Config, ConfigError, resolve_dynamic
+from .data import DataError, infer_steps_per_year, load_closes, log_returns
+from .metrics import num_worst_for
+from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams
+from .pool import MarketParams, PoolParams
+from .simulate import Params, SimSpec
+
+__all__ = ["make_params", "make_model", "make_spec", "bootstrap_returns"]
+
+
+def make_params(cfg: Config) -> Params:
+    """Every dynamic field as an array with a leading pool axis, in the config's dtype."""
+    values, _ = resolve_dynamic(cfg)
+    dtype = jnp.dtype(cfg.simulation.dtype)
+
+    def section(cls, name):
+        return cls(**{k: jnp.asarray(v, dtype) for k, v in values[name].items()})
+
+    return Params(
+        market=section(MarketParams, "market"),
+        paths=section(PathParams, "paths"),
+        pool=section(PoolParams, "pool"),
+    )
+
+
+def bootstrap_returns(cfg: Config) -> np.ndarray:
+    """Log returns `(T - 1, num_risky)` of the config's assets from `paths.data`.
+
+    The data's spacing must match `simulation.steps_per_year` (within 1%): a daily file
+    cannot drive hourly steps without rescaling, which would change its distribution.
+    """
+    closes = load_closes(cfg.paths.data, cfg.market.assets)
+    spy = infer_steps_per_year(closes)
+    if abs(spy / cfg.simulation.steps_per_year - 1.0) > 0.01:
+        raise DataError(
+            f"simulation.steps_per_year: the data in {cfg.paths.data} has {spy:g} steps per "
+            f"year, expected it to equal simulation.steps_per_year = "
+            f"{cfg.simulation.steps_per_year:g}"
+        )
+    return log_returns(closes)
+
+
+def make_model(cfg: Config, returns: np.ndarray | None = None) -> AbstractPathModel:
+    """The `[paths]` model. For the bootstrap, `returns` (T, num_risky) defaults to the data."""
+    n, dt = cfg.num_risky, cfg.dt
+    match cfg.paths.model:
+        case "gbm":
+            return GBM(n, dt)
+        case "jump":
+            return MertonJump(n, dt)
+        case "garch":
+            return Garch(n, dt)
+        case "bootstrap":
+            if returns is None:
+                returns = bootstrap_returns(cfg)
+            if returns.ndim != 2 or returns.shape[1] != n:
+                raise ConfigError(
+                    f"paths.data: expected returns of shape (T, {n}), got {returns.shape}"
+                )
+            return Bootstrap(n, dt, jnp.asarray(returns, jnp.dtype(cfg.simulation.dtype)))
+    raise ConfigError(f"paths.model: unknown model {cfg.paths.model!r}")
+
+
+def make_spec(cfg: Config) -> SimSpec:
+    """The static settings of the step."""
+    return SimSpec(
+        has_numeraire=bool(cfg.market.numeraire),
+        rebalance=cfg.pool.rebalance,
+        steps_per_year=float(cfg.simulation.steps_per_year),
+        num_worst=num_worst_for(cfg.simulation.num_steps),
+        record_every=cfg.output.record_every,
+        antithetic=cfg.paths.antithetic,
+    )

@@ -1,0 +1,756 @@
+"""Typed experiment configuration: load TOML, apply `section.key=value` overrides, validate.
+
+A config is a tree of frozen dataclasses, one per TOML section. Every field carries a `Spec`
+saying whether it is *static* (a Python value that fixes shapes, counts or control flow; a new
+value means a new compile) or *dynamic* (a float leaf of the parameter pytree; it may differ per
+pool and may be differentiated; a new value never recompiles).
+
+A dynamic field may be given three ways:
+- one value shared by every pool: `vols = [0.6, 0.8]`;
+- one value per pool, a list one level deeper than the field: `fee = [0.001, 0.002, ...]`
+  (exactly `simulation.num_pools` entries), `vols = [[0.6, 0.8], [0.5, 0.9], ...]`;
+- a grid: `fee = { grid = [0.001, 0.002] }` or `fee = { linspace = [0.0, 0.01, 5] }`. All grid
+  fields combine as a Cartesian product; the pools are split into equal contiguous blocks, one
+  block per combination (`num_pools` must be a multiple of the number of combinations).
+
+All checks run before anything is compiled; a failure raises `ConfigError` whose message is one
+line naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "MarketConfig",
+    "PathsConfig",
+    "PoolConfig",
+    "SimulationConfig",
+    "OutputConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "config_hash",
+    "resolve_dynamic",
+    "apply_overrides",
+    "PATH_MODELS",
+]
+
+PATH_MODELS = ("gbm", "jump", "garch", "bootstrap")
+
+
+class ConfigError(ValueError):
+    """A config (or its data) is invalid. `str(err)` is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one config field is checked and used.
+
+    `rank` is the rank of one pool's value (0 scalar, 1 vector, 2 matrix); `length` names
+    what a vector's length must match: "risky" (the risky assets) or "assets" (all assets,
+    the numéraire included). `broadcast` lets a scalar stand for a constant vector.
+    """
+
+    kind: str = "static"  # "static" | "dynamic"
+    type: type = float
+    rank: int = 0
+    length: str | None = None
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple | None = None
+    broadcast: bool = False
+    optional: bool = False  # None allowed (means "use the documented default")
+    doc: str = ""
+
+
+def _f(default: Any, **kw: Any) -> Any:
+    return field(default=default, metadata={"spec": Spec(**kw)})
+
+
+def _dyn(default: Any, **kw: Any) -> Any:
+    return field(default=default, metadata={"spec": Spec(kind="dynamic", type=float, **kw)})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class MarketConfig:
+    """`[market]`: the assets traded and the pool's numéraire."""
+
+    assets: tuple = _f(("BTC", "ETH"), type=str, rank=1, doc="names of the risky assets")
+    numeraire: str = _f(
+        "USDC", type=str, doc='name of a stable numéraire asset with price 1 ("" for none)'
+    )
+    initial_prices: Any = _dyn(
+        1.0,
+        rank=1,
+        length="risky",
+        lo=0.0,
+        lo_open=True,
+        broadcast=True,
+        doc="price of each risky asset at t=0, in numéraire",
+    )
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """`[paths]`: the price path model (annualised parameters; per step via dt)."""
+
+    model: str = _f("gbm", type=str, choices=PATH_MODELS, doc="gbm | jump | garch | bootstrap")
+    drifts: Any = _dyn(
+        0.0,
+        rank=1,
+        length="risky",
+        lo=-5.0,
+        hi=5.0,
+        broadcast=True,
+        doc="annualised expected arithmetic return per asset",
+    )
+    vols: Any = _dyn(
+        0.6,
+        rank=1,
+        length="risky",
+        lo=0.0,
+        hi=10.0,
+        broadcast=True,
+        doc="annualised volatility per asset",
+    )
+    correlation: Any = _dyn(
+        None,
+        rank=2,
+        length="risky",
+        lo=-1.0,
+        hi=1.0,
+        optional=True,
+        doc="correlation matrix of the diffusion (default identity)",
+    )
+    jump_intensity: Any = _dyn(
+        0.0,
+        rank=1,
+        length="risky",
+        lo=0.0,
+        broadcast=True,
+        doc="idiosyncratic jumps per year (model = jump)",
+    )
+    jump_mean: Any = _dyn(
+        -0.05, rank=1, length="risky", lo=-5.0, hi=5.0, broadcast=True, doc="mean log jump size"
+    )
+    jump_vol: Any = _dyn(
+        0.1, rank=1, length="risky", lo=0.0, hi=5.0, broadcast=True, doc="sd of log jump size"
+    )
+    crash_intensity: Any = _dyn(0.0, lo=0.0, doc="common crash events per year (all assets)")
+    crash_mean: Any = _dyn(-0.2, lo=-5.0, hi=5.0, doc="mean log size of a common crash")
+    crash_vol: Any = _dyn(0.05, lo=0.0, hi=5.0, doc="sd of log size of a common crash")
+    garch_alpha: Any = _dyn(
+        0.08,
+        rank=1,
+        length="risky",
+        lo=0.0,
+        hi=1.0,
+        broadcast=True,
+        doc="GARCH(1,1) ARCH coefficient (model = garch)",
+    )
+    garch_beta: Any = _dyn(
+        0.9,
+        rank=1,
+        length="risky",
+        lo=0.0,
+        hi=1.0,
+        broadcast=True,
+        doc="GARCH(1,1) persistence coefficient",
+    )
+    block_length: Any = _dyn(20.0, lo=1.0, doc="mean block length in steps (model = bootstrap)")
+    data: str = _f("", type=str, doc="bootstrap source: a folder of per-asset CSVs or one CSV")
+    antithetic: bool = _f(False, type=bool, doc="pair pools 2k, 2k+1 with negated normals")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """`[pool]`: the LP portfolio at t=0."""
+
+    initial_value: Any = _dyn(1.0e6, lo=0.0, lo_open=True, doc="pool value at t=0, numéraire")
+    target_weights: Any = _dyn(
+        None,
+        rank=1,
+        length="assets",
+        lo=0.0,
+        hi=1.0,
+        optional=True,
+        doc="target weight per asset, numéraire last (default equal)",
+    )
+    rebalance: bool = _f(False, type=bool, doc="passive pool: reset to target weights each step")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """`[simulation]`: sizes, time grid, randomness, precision."""
+
+    num_pools: int = _f(256, type=int, lo=1, doc="pools simulated together")
+    num_steps: int = _f(720, type=int, lo=1, doc="time steps")
+    steps_per_year: float = _f(8760.0, lo=0.0, lo_open=True, doc="8760 hourly, 365 daily")
+    chunk_length: int = _f(0, type=int, lo=0, doc="steps per compiled chunk (0: whole run)")
+    seed: int = _f(0, type=int, lo=0, doc="root PRNG seed")
+    dtype: str = _f("float32", type=str, choices=("float32", "float64"), doc="float precision")
+    progress: bool = _f(True, type=bool, doc="print progress between chunks")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """`[output]`: what the results folder holds."""
+
+    dir: str = _f("", type=str, doc='results folder (default "runs/<name>-<timestamp>")')
+    record_every: int = _f(
+        0,
+        type=int,
+        lo=0,
+        doc="record share price, prices, reserves every N steps (0: none; the fan chart needs it)",
+    )
+    plots: bool = _f(True, type=bool, doc="write PNG plots")
+
+
+SECTIONS: dict[str, type] = {
+    "market": MarketConfig,
+    "paths": PathsConfig,
+    "pool": PoolConfig,
+    "simulation": SimulationConfig,
+    "output": OutputConfig,
+}
+TOP_LEVEL = ("name", "description")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated config. Sections are attributes: `cfg.paths.vols`."""
+
+    name: str = "config"
+    description: str = ""
+    market: MarketConfig = field(default_factory=MarketConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def num_risky(self) -> int:
+        return len(self.market.assets)
+
+    @property
+    def num_assets(self) -> int:
+        return self.num_risky + (1 if self.market.numeraire else 0)
+
+    @property
+    def asset_names(self) -> tuple[str, ...]:
+        extra = (self.market.numeraire,) if self.market.numeraire else ()
+        return tuple(self.market.assets) + extra
+
+    @property
+    def dt(self) -> float:
+        """Length of one step in years."""
+        return 1.0 / self.simulation.steps_per_year
+
+
+def specs(section_cls: type) -> dict[str, Spec]:
+    """The `Spec` of every field of a section dataclass."""
+    return {f.name: f.metadata["spec"] for f in dataclasses.fields(section_cls)}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file, apply `section.key=value` overrides, validate.
+
+    The config's name defaults to the file's stem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: malformed TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    raw.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, base_dir=path.parent)
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (`0.5`, `[1, 2]`, `true`, `"x"`), or the bare text as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Return a copy of `raw` with each `section.key=value` override set (value in TOML)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        lhs, rhs = item.split("=", 1)
+        lhs = lhs.strip()
+        parts = lhs.split(".")
+        if len(parts) == 1 and parts[0] in TOP_LEVEL:
+            out[parts[0]] = _parse_value(rhs.strip())
+            continue
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        section, key = parts
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"--set {lhs}: unknown section [{section}]; expected one of {', '.join(SECTIONS)}"
+            )
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"[{section}]: expected a table")
+        out[section][key] = _parse_value(rhs.strip())
+    return out
+
+
+def config_from_dict(raw: dict, base_dir: str | Path | None = None) -> Config:
+    """Validate a plain dict (as from TOML) into a `Config`.
+
+    `base_dir` resolves a relative `paths.data` (the config file's folder, then the working
+    directory).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a table at top level")
+    for key, value in raw.items():
+        if key in TOP_LEVEL:
+            if not isinstance(value, str):
+                raise ConfigError(f"{key}: expected a string, got {_show(value)}")
+        elif key not in SECTIONS:
+            raise ConfigError(
+                f"unknown section [{key}]; expected one of {', '.join(SECTIONS)}"
+                if isinstance(value, dict)
+                else f"{key}: unknown top-level key; expected a section "
+                f"({', '.join(SECTIONS)}) or one of {', '.join(TOP_LEVEL)}"
+            )
+    sections = {}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}]: expected a table, got {_show(table)}")
+        sections[name] = _build_section(name, cls, table)
+    cfg = Config(name=raw.get("name", "config"), description=raw.get("description", ""), **sections)
+    if base_dir is not None and cfg.paths.data:
+        cfg = _resolve_data_path(cfg, Path(base_dir))
+    _check_cross(cfg)
+    return cfg
+
+
+def _resolve_data_path(cfg: Config, base_dir: Path) -> Config:
+    p = Path(cfg.paths.data).expanduser()
+    if not p.is_absolute() and not p.exists() and (base_dir / p).exists():
+        p = base_dir / p
+    return dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, data=str(p)))
+
+
+def _build_section(name: str, cls: type, table: dict) -> Any:
+    known = specs(cls)
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key; expected one of {', '.join(known)}")
+        spec = known[key]
+        check = _check_dynamic if spec.kind == "dynamic" else _check_static
+        values[key] = check(f"{name}.{key}", spec, value)
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------- field checks
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _what(spec: Spec) -> str:
+    """Human description of an element's expected type and range."""
+    if spec.type is bool:
+        return "true or false"
+    if spec.type is str:
+        if spec.choices:
+            return "one of " + ", ".join(f'"{c}"' for c in spec.choices)
+        return "a string"
+    noun = "an integer" if spec.type is int else "a number"
+    parts = []
+    if spec.lo is not None:
+        parts.append(f"{'>' if spec.lo_open else '>='} {spec.lo:g}")
+    if spec.hi is not None:
+        parts.append(f"{'<' if spec.hi_open else '<='} {spec.hi:g}")
+    return noun + (" " + " and ".join(parts) if parts else "")
+
+
+def _check_scalar(key: str, spec: Spec, value: Any) -> Any:
+    if spec.type is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+        return value
+    if spec.type is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected {_what(spec)}, got {_show(value)}")
+        if spec.choices and value not in spec.choices:
+            raise ConfigError(f"{key}: expected {_what(spec)}, got {_show(value)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected {_what(spec)}, got {_show(value)}")
+    if spec.type is int and not isinstance(value, int):
+        raise ConfigError(f"{key}: expected {_what(spec)}, got {_show(value)}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
+    bad_lo = spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo)
+    bad_hi = spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi)
+    if bad_lo or bad_hi:
+        raise ConfigError(f"{key}: expected {_what(spec)}, got {value:g}")
+    return spec.type(value)
+
+
+def _check_static(key: str, spec: Spec, value: Any) -> Any:
+    if spec.rank == 0:
+        return _check_scalar(key, spec, value)
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of {_what(spec)}s, got {_show(value)}")
+    return tuple(_check_scalar(f"{key}[{i}]", spec, v) for i, v in enumerate(value))
+
+
+def _depth(value: Any) -> int:
+    d = 0
+    while isinstance(value, list):
+        if not value:
+            return d + 1
+        value = value[0]
+        d += 1
+    return d
+
+
+def _check_elements(key: str, spec: Spec, value: Any) -> Any:
+    """Check every number in a (nested) list; return it as nested tuples."""
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{key}: expected a non-empty list")
+        return tuple(_check_elements(f"{key}[{i}]", spec, v) for i, v in enumerate(value))
+    if isinstance(value, dict):
+        raise ConfigError(f"{key}: expected {_what(spec)}, got a table")
+    return float(_check_scalar(key, spec, value))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A grid spec of a dynamic field: the values one axis of the pool grid takes."""
+
+    values: tuple
+
+    def to_toml(self) -> dict:
+        return {"grid": _listify(self.values)}
+
+
+def _check_dynamic(key: str, spec: Spec, value: Any) -> Any:
+    if value is None:  # only reachable from Python callers; TOML has no null
+        if spec.optional:
+            return None
+        raise ConfigError(f"{key}: expected {_what(spec)}, got nothing")
+    if isinstance(value, dict):
+        return _check_grid(key, spec, value)
+    d = _depth(value)
+    if d == spec.rank or (spec.broadcast and d == 0) or d == spec.rank + 1:
+        checked = _check_elements(key, spec, value)
+        _check_rectangular(key, checked)
+        return checked
+    want = ["a number", "a list", "a list of lists"][spec.rank]
+    raise ConfigError(
+        f"{key}: expected {want} ({_what(spec)}), or one per pool, or a grid spec; "
+        f"got {_show(value)}"
+    )
+
+
+def _check_rectangular(key: str, value: Any) -> None:
+    if isinstance(value, tuple):
+        try:
+            np.asarray(value, dtype=float)
+        except ValueError:
+            raise ConfigError(f"{key}: rows have different lengths") from None
+
+
+def _check_grid(key: str, spec: Spec, table: dict) -> Grid:
+    if set(table) == {"grid"}:
+        values = table["grid"]
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{key}.grid: expected a non-empty list of values")
+        items = []
+        for i, v in enumerate(values):
+            d = _depth(v)
+            if not (d == spec.rank or (spec.broadcast and d == 0)):
+                raise ConfigError(f"{key}.grid[{i}]: expected one pool's value, got {_show(v)}")
+            items.append(_check_elements(f"{key}.grid[{i}]", spec, v))
+        return Grid(tuple(items))
+    if set(table) == {"linspace"}:
+        v = table["linspace"]
+        ok = (
+            isinstance(v, list)
+            and len(v) == 3
+            and isinstance(v[2], int)
+            and not isinstance(v[2], bool)
+            and v[2] >= 1
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v[:2])
+        )
+        if not ok or spec.rank != 0:
+            raise ConfigError(
+                f"{key}.linspace: expected [start, stop, count] with an integer count >= 1"
+                + ("" if spec.rank == 0 else " (linspace is for scalar fields only)")
+            )
+        pts = np.linspace(float(v[0]), float(v[1]), v[2])
+        return Grid(tuple(_check_scalar(f"{key}.linspace", spec, float(x)) for x in pts))
+    raise ConfigError(
+        f"{key}: expected a grid spec {{ grid = [...] }} or {{ linspace = [start, stop, count] }}"
+        f", got keys {sorted(table)}"
+    )
+
+
+# --------------------------------------------------------------------------- cross checks
+
+
+def _expected_length(cfg: Config, spec: Spec) -> int | None:
+    if spec.length == "risky":
+        return cfg.num_risky
+    if spec.length == "assets":
+        return cfg.num_assets
+    return None
+
+
+def _check_cross(cfg: Config) -> None:
+    m, s, o = cfg.market, cfg.simulation, cfg.output
+    if not m.assets:
+        raise ConfigError("market.assets: expected at least one risky asset")
+    names = cfg.asset_names
+    if any(not a.strip() for a in names):
+        raise ConfigError("market.assets: asset names must be non-empty")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"market.assets: asset names must be unique, got {list(names)}")
+
+    combos = 1
+    for sec_name, cls in SECTIONS.items():
+        section = getattr(cfg, sec_name)
+        for key, spec in specs(cls).items():
+            if spec.kind != "dynamic":
+                continue
+            value = getattr(section, key)
+            if value is None:
+                continue
+            per_pool = _per_pool_values(f"{sec_name}.{key}", spec, value, s.num_pools)
+            for i, v in enumerate(per_pool):
+                where = f"{sec_name}.{key}" + (f" (pool {i})" if len(per_pool) > 1 else "")
+                _check_shape(cfg, where, spec, v)
+            if isinstance(value, Grid):
+                combos *= len(value.values)
+    if s.num_pools % combos:
+        raise ConfigError(
+            f"simulation.num_pools: expected a multiple of the {combos} grid combinations, "
+            f"got {s.num_pools}"
+        )
+    p = cfg.paths
+    if p.antithetic and s.num_pools % 2:
+        raise ConfigError(
+            f"simulation.num_pools: antithetic pairs need an even number, got {s.num_pools}"
+        )
+    if p.antithetic and p.model == "bootstrap":
+        raise ConfigError('paths.antithetic: not defined for model = "bootstrap"; set false')
+    if p.model == "bootstrap" and not p.data:
+        raise ConfigError('paths.data: model = "bootstrap" needs a CSV file or folder of CSVs')
+    if p.data and not Path(p.data).exists():
+        raise ConfigError(f"paths.data: {p.data}: no such file or folder")
+    alphas, betas = _values(cfg, "paths", "garch_alpha"), _values(cfg, "paths", "garch_beta")
+    if len(alphas) != len(betas):  # one is a grid or per-pool list: compare all pairs
+        alphas, betas = zip(*itertools.product(alphas, betas), strict=True)
+    for i, (a, b) in enumerate(zip(alphas, betas, strict=True)):
+        if np.any(np.asarray(a) + np.asarray(b) >= 1.0):
+            raise ConfigError(
+                f"paths.garch_alpha: expected garch_alpha + garch_beta < 1 (pool {i}), "
+                f"got {np.max(np.asarray(a) + np.asarray(b)):g}"
+            )
+    lam_dt = max(float(np.max(v)) for v in _values(cfg, "paths", "jump_intensity"))
+    if lam_dt * cfg.dt > 1.0:
+        raise ConfigError(
+            f"paths.jump_intensity: expected at most steps_per_year = {s.steps_per_year:g} "
+            f"jumps per year (one per step on average), got {lam_dt:g}"
+        )
+    crash = max(float(np.max(v)) for v in _values(cfg, "paths", "crash_intensity"))
+    if crash * cfg.dt > 1.0:
+        raise ConfigError(
+            f"paths.crash_intensity: expected at most {s.steps_per_year:g} per year, got {crash:g}"
+        )
+    chunk = s.chunk_length or s.num_steps
+    if chunk > s.num_steps:
+        raise ConfigError(
+            f"simulation.chunk_length: expected at most num_steps = {s.num_steps}, got {chunk}"
+        )
+    if o.record_every:
+        if chunk % o.record_every or s.num_steps % o.record_every:
+            raise ConfigError(
+                f"output.record_every: expected a divisor of simulation.chunk_length ({chunk}) "
+                f"and num_steps ({s.num_steps}), got {o.record_every}"
+            )
+
+
+def _check_shape(cfg: Config, key: str, spec: Spec, value: Any) -> None:
+    arr = np.asarray(value, dtype=float)
+    n = _expected_length(cfg, spec)
+    if spec.rank == 1 and arr.ndim == 1 and n is not None and arr.shape[0] != n:
+        raise ConfigError(
+            f"{key}: expected {n} values (one per {spec.length} asset), got {arr.shape[0]}"
+        )
+    if spec.rank == 2:
+        if arr.ndim != 2 or arr.shape != (n, n):
+            raise ConfigError(f"{key}: expected a {n}x{n} matrix, got shape {arr.shape}")
+        if not np.allclose(arr, arr.T, atol=1e-9):
+            raise ConfigError(f"{key}: expected a symmetric matrix")
+        if not np.allclose(np.diag(arr), 1.0, atol=1e-9):
+            raise ConfigError(f"{key}: expected ones on the diagonal of a correlation matrix")
+        eig = np.linalg.eigvalsh(arr)
+        if eig.min() <= 1e-8:
+            raise ConfigError(
+                f"{key}: expected a positive definite matrix, smallest eigenvalue is "
+                f"{eig.min():.3g}"
+            )
+    if key.startswith("pool.target_weights"):
+        if abs(arr.sum() - 1.0) > 1e-6:
+            raise ConfigError(f"{key}: expected weights that sum to 1, got sum {arr.sum():.6g}")
+
+
+def _values(cfg: Config, section: str, key: str) -> list:
+    """The distinct values a dynamic field takes across pools (for cross checks)."""
+    spec = specs(SECTIONS[section])[key]
+    value = getattr(getattr(cfg, section), key)
+    return _per_pool_values(f"{section}.{key}", spec, value, cfg.simulation.num_pools)
+
+
+def _per_pool_values(key: str, spec: Spec, value: Any, num_pools: int) -> list:
+    """List of the distinct values (grid) or every pool's value (per-pool list)."""
+    if isinstance(value, Grid):
+        return list(value.values)
+    d = _depth(_listify(value))
+    if d == spec.rank + 1:
+        if len(value) != num_pools:
+            raise ConfigError(
+                f"{key}: a per-pool list needs simulation.num_pools = {num_pools} entries, "
+                f"got {len(value)}"
+            )
+        return list(value)
+    return [value]
+
+
+def _listify(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_listify(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- dynamic params
+
+
+def resolve_dynamic(cfg: Config) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
+    """Every dynamic field as a per-pool NumPy array, and each pool's grid combination.
+
+    **Returns:** `(values, combos)`: `values[section][key]` has shape `(num_pools, *shape)`
+    (shape `()`, `(n,)` or `(n, n)` by the field's rank); `combos` has one dict per grid
+    combination, mapping `"section.key"` to its value (a single empty dict without grids).
+    Pool `i` belongs to combination `i // (num_pools // len(combos))`.
+    """
+    num_pools = cfg.simulation.num_pools
+    grids = []
+    for sec_name, cls in SECTIONS.items():
+        for key, spec in specs(cls).items():
+            value = getattr(getattr(cfg, sec_name), key)
+            if spec.kind == "dynamic" and isinstance(value, Grid):
+                grids.append((sec_name, key, value.values))
+    combos = [
+        {f"{s}.{k}": v for (s, k, _), v in zip(grids, choice, strict=True)}
+        for choice in itertools.product(*(g[2] for g in grids))
+    ] or [{}]
+    reps = num_pools // len(combos)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for sec_name, cls in SECTIONS.items():
+        section = getattr(cfg, sec_name)
+        for key, spec in specs(cls).items():
+            if spec.kind != "dynamic":
+                continue
+            value = getattr(section, key)
+            shape = _field_shape(cfg, spec)
+            if isinstance(value, Grid):
+                rows = [
+                    np.broadcast_to(np.asarray(c[f"{sec_name}.{key}"], float), shape)
+                    for c in combos
+                    for _ in range(reps)
+                ]
+                arr = np.stack(rows)
+            elif value is None:
+                arr = np.broadcast_to(_default_value(cfg, key, shape), (num_pools, *shape))
+            elif _depth(_listify(value)) == spec.rank + 1:
+                arr = np.stack([np.broadcast_to(np.asarray(v, float), shape) for v in value])
+            else:
+                arr = np.broadcast_to(np.asarray(value, float), (num_pools, *shape))
+            out.setdefault(sec_name, {})[key] = np.array(arr, dtype=float)
+    return out, combos
+
+
+def _field_shape(cfg: Config, spec: Spec) -> tuple[int, ...]:
+    n = _expected_length(cfg, spec)
+    return () if spec.rank == 0 else (n,) * spec.rank
+
+
+def _default_value(cfg: Config, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    if key == "correlation":
+        return np.eye(shape[0])
+    if key == "target_weights":
+        return np.full(shape, 1.0 / shape[0])
+    raise AssertionError(key)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The resolved config as a plain TOML-ready dict (grids as `{grid = [...]}` tables)."""
+    out: dict[str, Any] = {"name": cfg.name}
+    if cfg.description:
+        out["description"] = cfg.description
+    for sec_name in SECTIONS:
+        section = getattr(cfg, sec_name)
+        table = {}
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            if v is None:
+                continue
+            table[f.name] = v.to_toml() if isinstance(v, Grid) else _listify(v)
+        out[sec_name] = table
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    """SHA-256 (first 16 hex digits) of everything that affects results (not `[output]`)."""
+    d = config_to_dict(cfg)
+    d.pop("output", None)
+    d.pop("name", None)
+    d.pop("description", None)
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,176 @@
+"""Load closes of real markets from CSV and align assets on common dates.
+
+Accepted shapes (those of `../shared/data/`, or a user's own files of the same shape):
+- a folder with one CSV per asset, named `<ASSET>...csv` (e.g. `BTCUSDT_1d.csv`), each with a
+  time column (`timestamp`, `date`, `time` or `datetime`: ISO dates or date-times, or Unix
+  epoch seconds / milliseconds) and a `close` column; extra columns are ignored;
+- one CSV holding several assets in long form, with a `ticker` (or `symbol`) column;
+- one CSV in wide form: a time column and one column per asset, named by the asset.
+
+Every file is checked: the columns exist, times parse, are strictly increasing (no
+duplicates), closes are finite and positive. A failure raises `DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError
+
+__all__ = ["DataError", "Closes", "load_closes", "log_returns", "infer_steps_per_year"]
+
+TIME_COLUMNS = ("timestamp", "date", "time", "datetime", "open_time")
+TICKER_COLUMNS = ("ticker", "symbol")
+
+
+class DataError(ConfigError):
+    """A data file is missing, malformed, or does not hold what the config asks for."""
+
+
+@dataclass(frozen=True)
+class Closes:
+    """Aligned closes: `times` (T,) as datetime64[s], `prices` (T, n), `assets` names."""
+
+    times: np.ndarray
+    prices: np.ndarray
+    assets: tuple[str, ...]
+
+
+def _parse_times(values: list[str], where: str) -> np.ndarray:
+    try:
+        nums = np.asarray(values, dtype=float)
+    except ValueError:
+        nums = None
+    if nums is not None:
+        # Epoch: milliseconds when past ~1973 in ms (> 1e11), else seconds.
+        scale = 1000.0 if np.nanmax(np.abs(nums)) > 1e11 else 1.0
+        return (nums / scale).astype("int64").astype("datetime64[s]")
+    try:
+        return np.asarray(
+            [v.strip().replace(" ", "T").rstrip("Z") for v in values], dtype="datetime64[s]"
+        )
+    except ValueError as err:
+        raise DataError(f"{where}: time column does not parse as dates ({err})") from None
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
+    rows = [r for r in rows if r and any(c.strip() for c in r)]
+    if len(rows) < 3:
+        raise DataError(f"{path}: expected a header and at least two rows")
+    header = [h.strip().lower() for h in rows[0]]
+    return header, rows[1:]
+
+
+def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) -> int:
+    for n in names:
+        if n in header:
+            return header.index(n)
+    raise DataError(f"{path}: missing {what} column (expected one of {', '.join(names)})")
+
+
+def _series(path: Path, times_raw: list[str], closes_raw: list[str]) -> tuple:
+    times = _parse_times(times_raw, str(path))
+    try:
+        closes = np.asarray(closes_raw, dtype=float)
+    except ValueError:
+        raise DataError(f"{path}: close column holds non-numbers") from None
+    if not np.all(np.isfinite(closes)) or np.any(closes <= 0):
+        bad = int(np.argmax(~np.isfinite(closes) | (closes <= 0)))
+        raise DataError(f"{path}: expected positive closes, got {closes[bad]!r} at row {bad + 2}")
+    diffs = np.diff(times).astype("int64")
+    if np.any(diffs == 0):
+        raise DataError(f"{path}: duplicate time {times[1:][diffs == 0][0]}")
+    if np.any(diffs < 0):
+        raise DataError(f"{path}: times are not sorted (at {times[1:][diffs < 0][0]})")
+    return times, closes
+
+
+def _load_file(path: Path, ticker: str | None = None) -> tuple:
+    header, rows = _read_rows(path)
+    t = _column(header, TIME_COLUMNS, path, "time")
+    c = _column(header, ("close",), path, "close")
+    if ticker is not None:
+        k = _column(header, TICKER_COLUMNS, path, "ticker")
+        rows = [r for r in rows if len(r) > k and _matches(r[k].strip(), ticker)]
+        if len(rows) < 2:
+            raise DataError(f"{path}: no rows for asset {ticker}")
+    if any(len(r) <= max(t, c) for r in rows):
+        raise DataError(f"{path}: a row has fewer columns than the header")
+    return _series(path, [r[t] for r in rows], [r[c] for r in rows])
+
+
+def _matches(name: str, asset: str) -> bool:
+    """`BTCUSDT`, `BTC-USD`, `BTC_1d`, `btc` all name the asset `BTC`."""
+    name, asset = name.upper(), asset.upper()
+    if name == asset:
+        return True
+    rest = name[len(asset) :] if name.startswith(asset) else None
+    return rest is not None and (rest[0] in "_-." or rest.startswith(("USDT", "USDC", "USD")))
+
+
+def _find_asset_file(folder: Path, asset: str) -> Path:
+    hits = sorted(p for p in folder.glob("*.csv") if _matches(p.stem, asset))
+    if not hits:
+        raise DataError(f"{folder}: no CSV for asset {asset} (expected a file named {asset}*.csv)")
+    if len(hits) > 1:
+        raise DataError(
+            f"{folder}: several CSVs match asset {asset}: {', '.join(p.name for p in hits)}"
+        )
+    return hits[0]
+
+
+def load_closes(source: str | Path, assets: tuple[str, ...] | list[str]) -> Closes:
+    """Closes of `assets` from `source` (folder or CSV), inner-joined on common times.
+
+    **Returns:** `Closes` with `prices` of shape `(T, len(assets))`, rows in time order.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: no such file or folder")
+    series = []
+    if source.is_dir():
+        for a in assets:
+            series.append(_load_file(_find_asset_file(source, a)))
+    else:
+        header, _ = _read_rows(source)
+        if any(h in header for h in TICKER_COLUMNS):
+            series = [_load_file(source, ticker=a) for a in assets]
+        else:
+            series = _load_wide(source, assets)
+    common = series[0][0]
+    for times, _ in series[1:]:
+        common = np.intersect1d(common, times)
+    if len(common) < 3:
+        raise DataError(f"{source}: assets {list(assets)} share fewer than 3 common times")
+    prices = np.stack([c[np.searchsorted(t, common)] for t, c in series], axis=1)
+    return Closes(times=common, prices=prices, assets=tuple(assets))
+
+
+def _load_wide(path: Path, assets: tuple[str, ...] | list[str]) -> list:
+    header, rows = _read_rows(path)
+    t = _column(header, TIME_COLUMNS, path, "time")
+    out = []
+    for a in assets:
+        k = _column(header, (a.lower(),), path, f"'{a}'")
+        out.append(_series(path, [r[t] for r in rows], [r[k] for r in rows]))
+    return out
+
+
+def log_returns(closes: Closes) -> np.ndarray:
+    """Log returns between consecutive common times, shape `(T - 1, n)`."""
+    return np.diff(np.log(closes.prices), axis=0)
+
+
+def infer_steps_per_year(closes: Closes) -> float:
+    """Steps per year implied by the median spacing of the times (crypto: 365-day year)."""
+    step = float(np.median(np.diff(closes.times).astype("int64")))
+    return 365.0 * 86400.0 / step

@@ -1,0 +1,137 @@
+"""LP return statistics accumulated online inside the scan, and batch summaries.
+
+`ReturnStats` is updated once per step with the LP share price's simple return; nothing of
+length `num_steps` is stored. The 5% CVaR keeps the `num_worst = ceil(0.05 · num_steps)`
+largest losses seen so far (replace-the-smallest, O(num_worst) per step), so it is the exact
+empirical CVaR of the per-step returns, not an approximation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+__all__ = [
+    "ReturnStats",
+    "init_stats",
+    "update_stats",
+    "finalize_stats",
+    "num_worst_for",
+    "mean_ci",
+    "CVAR_LEVEL",
+]
+
+CVAR_LEVEL = 0.05
+
+
+def num_worst_for(num_steps: int, level: float = CVAR_LEVEL) -> int:
+    """How many worst returns the CVaR at `level` averages over `num_steps` returns."""
+    return max(1, math.ceil(level * num_steps))
+
+
+class ReturnStats(eqx.Module):
+    """Welford mean/variance, running peak and drawdown, and the worst returns (one pool)."""
+
+    count: Float[Array, ""]
+    mean: Float[Array, ""]
+    m2: Float[Array, ""]
+    initial_value: Float[Array, ""]
+    value: Float[Array, ""]
+    peak: Float[Array, ""]
+    max_drawdown: Float[Array, ""]
+    worst_losses: Float[Array, " m"]  # the m largest −return so far, unordered; −inf = empty
+
+
+def init_stats(value: Float[Array, ""], num_worst: int) -> ReturnStats:
+    """Empty statistics for a series starting at `value` (a share price)."""
+    zero = jnp.zeros_like(value)
+    return ReturnStats(
+        count=zero,
+        mean=zero,
+        m2=zero,
+        initial_value=value,
+        value=value,
+        peak=value,
+        max_drawdown=zero,
+        worst_losses=jnp.full((num_worst,), -jnp.inf, dtype=value.dtype),
+    )
+
+
+def update_stats(stats: ReturnStats, value: Float[Array, ""]) -> ReturnStats:
+    """Add one step: the share price moved from `stats.value` to `value`."""
+    r = value / stats.value - 1.0
+    count = stats.count + 1.0
+    delta = r - stats.mean
+    mean = stats.mean + delta / count
+    m2 = stats.m2 + delta * (r - mean)
+    peak = jnp.maximum(stats.peak, value)
+    drawdown = 1.0 - value / peak
+    i = jnp.argmin(stats.worst_losses)
+    worst = stats.worst_losses.at[i].set(jnp.maximum(stats.worst_losses[i], -r))
+    return ReturnStats(
+        count=count,
+        mean=mean,
+        m2=m2,
+        initial_value=stats.initial_value,
+        value=value,
+        peak=peak,
+        max_drawdown=jnp.maximum(stats.max_drawdown, drawdown),
+        worst_losses=worst,
+    )
+
+
+def finalize_stats(stats: ReturnStats, steps_per_year: float) -> dict[str, Array]:
+    """Per-pool metrics (works on batched stats: every leaf has a leading pool axis).
+
+    **Returns:** dict of arrays: `ann_mean` (mean simple return × steps per year), `ann_vol`
+    (sd × √steps per year), `sharpe` (ann_mean / ann_vol, risk-free rate 0, NaN when the vol
+    is 0), `max_drawdown` (fraction of the running peak), `cvar_5` (mean of the worst 5% of
+    per-step returns, a return, so negative is a loss), `total_return`.
+    """
+    var = stats.m2 / jnp.maximum(stats.count - 1.0, 1.0)
+    ann_mean = stats.mean * steps_per_year
+    ann_vol = jnp.sqrt(var * steps_per_year)
+    sharpe = jnp.where(ann_vol > 0, ann_mean / jnp.where(ann_vol > 0, ann_vol, 1.0), jnp.nan)
+    filled = jnp.isfinite(stats.worst_losses)
+    n_filled = jnp.maximum(jnp.sum(filled, axis=-1), 1)
+    cvar = -jnp.sum(jnp.where(filled, stats.worst_losses, 0.0), axis=-1) / n_filled
+    return {
+        "ann_mean": ann_mean,
+        "ann_vol": ann_vol,
+        "sharpe": sharpe,
+        "max_drawdown": stats.max_drawdown,
+        "cvar_5": cvar,
+        "total_return": stats.value / stats.initial_value - 1.0,
+    }
+
+
+def mean_ci(x: np.ndarray, z: float = 1.96) -> dict[str, float | list[float] | int]:
+    """Mean of finite values with a normal-approximation 95% interval (mean ± z·sd/√n).
+
+    **Returns:** `{"mean", "ci95": [lo, hi], "sd", "median", "n"}`; `n` counts finite values.
+    """
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    n = int(x.size)
+    if n == 0:
+        return {
+            "mean": float("nan"),
+            "ci95": [float("nan")] * 2,
+            "sd": float("nan"),
+            "median": float("nan"),
+            "n": 0,
+        }
+    mean = float(x.mean())
+    sd = float(x.std(ddof=1)) if n > 1 else 0.0
+    half = z * sd / math.sqrt(n)
+    return {
+        "mean": mean,
+        "ci95": [mean - half, mean + half],
+        "sd": sd,
+        "median": float(np.median(x)),
+        "n": n,
+    }

@@ -1,0 +1,245 @@
+"""`run_config`: simulate a config and write its results folder.
+
+A results folder holds `summary.json`, `config.toml` (the resolved config), `pools.csv` (one
+row per pool: its params and metrics), `record.npz` (when `output.record_every` > 0) and PNG
+plots. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import tomli_w
+
+from . import _io
+from .config import SECTIONS, Config, ConfigError, config_hash, config_to_dict, resolve_dynamic
+from .metrics import mean_ci
+
+__all__ = ["run_config", "prepare_out_dir", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the package, JAX, jaxlib, NumPy and Python, and the JAX backend."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "pdlpjax": v("pdlpjax"),
+        "jax": jax.__version__,
+        "jaxlib": v("jaxlib"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def prepare_out_dir(cfg: Config, out_dir: str | Path | None = None) -> Path:
+    """Resolve and create the results folder; fail with `ConfigError` if it is not writable."""
+    if out_dir is None:
+        out_dir = cfg.output.dir or Path("runs") / (
+            f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        )
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output.dir: {out}: not a writable folder ({err.strerror})") from None
+    return out
+
+
+def _progress(name: str):
+    def show(done: int, total: int, run_s: float, compile_s: float) -> None:
+        eta = run_s / done * (total - done)
+        print(
+            f"[{name}] step {done}/{total}  run {run_s:6.1f} s  compile {compile_s:5.1f} s"
+            f"  ETA {eta:5.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
+
+
+# The [paths] params each model reads (pools.csv lists only these).
+MODEL_FIELDS = {
+    "gbm": {"drifts", "vols", "correlation"},
+    "jump": {
+        "drifts",
+        "vols",
+        "correlation",
+        "jump_intensity",
+        "jump_mean",
+        "jump_vol",
+        "crash_intensity",
+        "crash_mean",
+        "crash_vol",
+    },
+    "garch": {"drifts", "vols", "correlation", "garch_alpha", "garch_beta"},
+    "bootstrap": {"block_length"},
+}
+
+
+def _param_columns(cfg: Config, values: dict) -> tuple[list[str], list[np.ndarray]]:
+    """pools.csv columns for every dynamic param the run uses: scalars as is, vectors per
+    asset, matrices by their upper triangle."""
+    names, cols = [], []
+    risky, assets = cfg.market.assets, cfg.asset_names
+    for sec in SECTIONS:
+        for key, arr in values.get(sec, {}).items():
+            if sec == "paths" and key not in MODEL_FIELDS[cfg.paths.model]:
+                continue
+            base = f"{sec}.{key}"
+            if arr.ndim == 1:
+                names.append(base)
+                cols.append(arr)
+            elif arr.ndim == 2:
+                labels = assets if arr.shape[1] == len(assets) else risky
+                for j, a in enumerate(labels):
+                    names.append(f"{base}.{a}")
+                    cols.append(arr[:, j])
+            else:
+                for i in range(arr.shape[1]):
+                    for j in range(i + 1, arr.shape[2]):
+                        names.append(f"{base}.{risky[i]}_{risky[j]}")
+                        cols.append(arr[:, i, j])
+    return names, cols
+
+
+def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = False) -> Path:
+    """Simulate `cfg` and write its results folder; return the folder's path."""
+    # Imported here so float64 can be switched on before any array exists.
+    if cfg.simulation.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    from .build import make_model, make_params, make_spec
+    from .simulate import simulate
+
+    out = prepare_out_dir(cfg, out_dir)
+    model = make_model(cfg)  # reads and checks bootstrap data before anything compiles
+    params, spec = make_params(cfg), make_spec(cfg)
+    wall0 = time.perf_counter()
+    progress = None if quiet or not cfg.simulation.progress else _progress(cfg.name)
+    res = simulate(
+        params,
+        model,
+        spec,
+        seed=cfg.simulation.seed,
+        num_steps=cfg.simulation.num_steps,
+        chunk_length=cfg.simulation.chunk_length,
+        progress=progress,
+    )
+    wall = time.perf_counter() - wall0
+
+    values, combos = resolve_dynamic(cfg)
+    num_pools = cfg.simulation.num_pools
+    reps = num_pools // len(combos)
+    group = np.arange(num_pools) // reps
+    metric_names = list(res.metrics)
+    summary = {
+        "name": cfg.name,
+        "pools": num_pools,
+        "steps": cfg.simulation.num_steps,
+        "steps_per_year": cfg.simulation.steps_per_year,
+        "years": cfg.simulation.num_steps / cfg.simulation.steps_per_year,
+        "seed": cfg.simulation.seed,
+        "config_hash": config_hash(cfg),
+        "wall_seconds": wall,
+        "compile_seconds": res.compile_seconds,
+        "run_seconds": res.run_seconds,
+        "pool_steps_per_second": num_pools * cfg.simulation.num_steps / max(res.run_seconds, 1e-9),
+        "versions": versions(),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "metrics": {k: mean_ci(v) for k, v in res.metrics.items()},
+    }
+    if len(combos) > 1:
+        summary["groups"] = [
+            {
+                "params": {k: _plain(v) for k, v in combo.items()},
+                "metrics": {k: mean_ci(res.metrics[k][group == g]) for k in metric_names},
+            }
+            for g, combo in enumerate(combos)
+        ]
+    _io.write_json(out / "summary.json", summary)
+    _io.write_text(out / "config.toml", tomli_w.dumps(config_to_dict(cfg)))
+
+    names, cols = _param_columns(cfg, values)
+    header = ["pool", "group", *names, *metric_names]
+    rows = [
+        [
+            i,
+            int(group[i]),
+            *(_fmt(c[i]) for c in cols),
+            *(_fmt(res.metrics[m][i]) for m in metric_names),
+        ]
+        for i in range(num_pools)
+    ]
+    _io.write_csv(out / "pools.csv", header, rows)
+
+    if res.record is not None:
+        buf = io.BytesIO()
+        times = np.arange(1, res.record.share_price.shape[1] + 1) * cfg.output.record_every
+        np.savez_compressed(
+            buf,
+            steps=times,
+            share_price=res.record.share_price,
+            prices=res.record.prices,
+            reserves=res.record.reserves,
+            assets=np.asarray(cfg.asset_names),
+        )
+        _io.write_bytes(out / "record.npz", buf.getvalue())
+
+    if cfg.output.plots:
+        from . import plots
+
+        plots.histogram(
+            out / "sharpe_hist.png",
+            res.metrics["sharpe"],
+            f"{cfg.name}: LP Sharpe per pool ({num_pools} pools)",
+            "annualised Sharpe ratio",
+        )
+        if res.record is not None:
+            sp = res.record.share_price
+            days = (
+                np.arange(0, sp.shape[1] + 1)
+                * cfg.output.record_every
+                * (365.0 / cfg.simulation.steps_per_year)
+            )
+            sp = np.concatenate([np.ones((sp.shape[0], 1)), sp], axis=1)
+            plots.fan_chart(
+                out / "fan_chart.png",
+                days,
+                sp,
+                f"{cfg.name}: LP share price quantiles over {num_pools} pools",
+            )
+    if not quiet:
+        m = summary["metrics"]["sharpe"]
+        print(
+            f"[{cfg.name}] {num_pools} pools x {cfg.simulation.num_steps} steps in "
+            f"{wall:.1f} s (compile {res.compile_seconds:.1f} s); mean Sharpe "
+            f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]; results in {out}",
+            file=sys.stderr,
+        )
+    return out
+
+
+def _fmt(x: float) -> str:
+    return f"{float(x):.10g}"
+
+
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, tuple) else v
