@@ -49,14 +49,14 @@ def bootstrap_returns(cfg: Config) -> np.ndarray:
 
 def make_model(cfg: Config, returns: np.ndarray | None = None) -> AbstractPathModel:
     """The `[paths]` model. For the bootstrap, `returns` (T, num_risky) defaults to the data."""
-    n, dt = cfg.num_risky, cfg.dt
+    n, dt, dtype = cfg.num_risky, cfg.dt, cfg.simulation.dtype
     match cfg.paths.model:
         case "gbm":
-            return GBM(n, dt)
+            return GBM(n, dt, dtype)
         case "jump":
-            return MertonJump(n, dt)
+            return MertonJump(n, dt, dtype)
         case "garch":
-            return Garch(n, dt)
+            return Garch(n, dt, dtype)
         case "bootstrap":
             if returns is None:
                 returns = bootstrap_returns(cfg)
@@ -64,7 +64,7 @@ def make_model(cfg: Config, returns: np.ndarray | None = None) -> AbstractPathMo
                 raise ConfigError(
                     f"paths.data: expected returns of shape (T, {n}), got {returns.shape}"
                 )
-            return Bootstrap(n, dt, jnp.asarray(returns, jnp.dtype(cfg.simulation.dtype)))
+            return Bootstrap(n, dt, dtype, returns=jnp.asarray(returns, jnp.dtype(dtype)))
     raise ConfigError(f"paths.model: unknown model {cfg.paths.model!r}")
 
 

@@ -83,6 +83,7 @@ class AbstractPathModel(eqx.Module):
 
     num_risky: int = eqx.field(static=True)
     dt: float = eqx.field(static=True)
+    dtype: str = eqx.field(static=True, default="float32")  # of the draws (and so the state)
 
     def init(self, params: PathParams):
         del params
@@ -105,7 +106,7 @@ class GBM(AbstractPathModel):
     """
 
     def noise(self, key: PRNGKeyArray) -> Float[Array, " n"]:
-        return jr.normal(key, (self.num_risky,))
+        return jr.normal(key, (self.num_risky,), self.dtype)
 
     def antithetic(self, noise):
         return -noise
@@ -141,11 +142,11 @@ class MertonJump(AbstractPathModel):
         k = jr.split(key, 5)
         n = self.num_risky
         return JumpNoise(
-            z=jr.normal(k[0], (n,)),
-            u_jump=jr.uniform(k[1], (n,)),
-            z_jump=jr.normal(k[2], (n,)),
-            u_crash=jr.uniform(k[3], ()),
-            z_crash=jr.normal(k[4], ()),
+            z=jr.normal(k[0], (n,), self.dtype),
+            u_jump=jr.uniform(k[1], (n,), self.dtype),
+            z_jump=jr.normal(k[2], (n,), self.dtype),
+            u_crash=jr.uniform(k[3], (), self.dtype),
+            z_crash=jr.normal(k[4], (), self.dtype),
         )
 
     def antithetic(self, noise: JumpNoise) -> JumpNoise:
@@ -180,7 +181,7 @@ class Garch(AbstractPathModel):
         return params.vols**2 * self.dt
 
     def noise(self, key: PRNGKeyArray) -> Float[Array, " n"]:
-        return jr.normal(key, (self.num_risky,))
+        return jr.normal(key, (self.num_risky,), self.dtype)
 
     def antithetic(self, noise):
         return -noise
@@ -210,7 +211,7 @@ class Bootstrap(AbstractPathModel):
     State: the current row index (−1 before the first step, which always starts a block).
     """
 
-    returns: Float[Array, "T n"]
+    returns: Float[Array, "T n"] = eqx.field(kw_only=True)
 
     def init(self, params: PathParams) -> Int[Array, ""]:
         del params
@@ -218,7 +219,7 @@ class Bootstrap(AbstractPathModel):
 
     def noise(self, key: PRNGKeyArray) -> BootstrapNoise:
         k1, k2 = jr.split(key)
-        return BootstrapNoise(jr.uniform(k1, ()), jr.uniform(k2, ()))
+        return BootstrapNoise(jr.uniform(k1, (), self.dtype), jr.uniform(k2, (), self.dtype))
 
     def antithetic(self, noise):
         raise ValueError("antithetic sampling is not defined for the bootstrap")

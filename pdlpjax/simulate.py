@@ -133,6 +133,24 @@ def _record(state: SimState) -> Record:
     return Record(share_price(state.pool), state.pool.prices, state.pool.reserves)
 
 
+def _scan(f: Callable, init: Any, length: int) -> tuple[Any, Any]:
+    """`lax.scan(f, init, None, length)`, but a one-trip loop stays a loop.
+
+    XLA inlines a loop of one trip and may then fuse the step with its surroundings, which
+    changes float rounding by an ulp; with two trips (the second discarded) one step rounds
+    exactly as it does inside a longer chunk, so results do not depend on the chunk length.
+    """
+    if length != 1:
+        return lax.scan(f, init, None, length=length)
+
+    def guarded(carry: Any, i: Int[Array, ""]) -> tuple[Any, Any]:
+        new, y = f(carry, None)
+        return jtu.tree_map(lambda a, b: jnp.where(i == 0, a, b), new, carry), y
+
+    final, ys = lax.scan(guarded, init, jnp.arange(2))
+    return final, jtu.tree_map(lambda y: y[:1], ys)
+
+
 def rollout(
     state: SimState,
     params: Params,
@@ -152,14 +170,14 @@ def rollout(
         return step(s, params, model, spec, _draw(model, spec, key, flip, s.t)), None
 
     if not spec.record_every:
-        state, _ = lax.scan(one, state, None, length=num_steps)
+        state, _ = _scan(one, state, num_steps)
         return state, None
 
     def block(s: SimState, _: None) -> tuple[SimState, Record]:
-        s, _ = lax.scan(one, s, None, length=spec.record_every)
+        s, _ = _scan(one, s, spec.record_every)
         return s, _record(s)
 
-    return lax.scan(block, state, None, length=num_steps // spec.record_every)
+    return _scan(block, state, num_steps // spec.record_every)
 
 
 def rollout_from_noise(
