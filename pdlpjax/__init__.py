@@ -8,9 +8,10 @@ from importlib.metadata import PackageNotFoundError, version
 from .build import make_model, make_params, make_spec
 from .config import Config, ConfigError, config_hash, load_config, resolve_dynamic
 from .data import Closes, DataError, load_closes, log_returns
+from .market import Book, MarketParams
 from .metrics import ReturnStats, finalize_stats, init_stats, mean_ci, update_stats
 from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams
-from .pool import MarketParams, PoolParams, PoolState, pool_value, share_price, weights
+from .pool import Accounts, PoolParams, PoolState, pool_value, weights
 from .results import run_config
 from .simulate import (
     Params,
@@ -18,7 +19,11 @@ from .simulate import (
     SimResult,
     SimSpec,
     SimState,
+    StepNoise,
+    aum,
+    draw_noise,
     init_state,
+    lp_share_price,
     pool_keys,
     rollout,
     rollout_from_noise,
@@ -32,6 +37,12 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
 __all__ = [
+    "Accounts",
+    "Book",
+    "StepNoise",
+    "aum",
+    "draw_noise",
+    "lp_share_price",
     "AbstractPathModel",
     "Bootstrap",
     "Closes",
@@ -68,7 +79,6 @@ __all__ = [
     "rollout",
     "rollout_from_noise",
     "run_config",
-    "share_price",
     "simulate",
     "step",
     "update_stats",

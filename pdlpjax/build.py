@@ -7,9 +7,10 @@ import numpy as np
 
 from .config import Config, ConfigError, resolve_dynamic
 from .data import DataError, infer_steps_per_year, load_closes, log_returns
+from .market import MarketParams
 from .metrics import num_worst_for
 from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams
-from .pool import MarketParams, PoolParams
+from .pool import PoolParams
 from .simulate import Params, SimSpec
 
 __all__ = ["make_params", "make_model", "make_spec", "bootstrap_returns"]
@@ -71,7 +72,10 @@ def make_model(cfg: Config, returns: np.ndarray | None = None) -> AbstractPathMo
 def make_spec(cfg: Config) -> SimSpec:
     """The static settings of the step."""
     return SimSpec(
+        num_risky=cfg.num_risky,
         has_numeraire=bool(cfg.market.numeraire),
+        mode=cfg.pool.mode,
+        num_cohorts=cfg.market.cohorts,
         rebalance=cfg.pool.rebalance,
         steps_per_year=float(cfg.simulation.steps_per_year),
         num_worst=num_worst_for(cfg.simulation.num_steps),

@@ -106,6 +106,28 @@ class MarketConfig:
         broadcast=True,
         doc="price of each risky asset at t=0, in numéraire",
     )
+    cohorts: int = _f(16, type=int, lo=1, hi=4096, doc="K, position cohorts per market and side")
+    funding_kappa: Any = _dyn(1.0e-4, lo=0.0, doc="κ of the funding rate (eq. 2), per step")
+    funding_cap: Any = _dyn(1.0e-3, lo=0.0, hi=1.0, doc="cap on |funding rate| per step")
+    open_rate: Any = _dyn(
+        0.001,
+        rank=1,
+        length="risky",
+        lo=0.0,
+        hi=1.0,
+        broadcast=True,
+        doc="new notional per step and side, fraction of pool value, per market",
+    )
+    mean_holding: Any = _dyn(48.0, lo=1.0, doc="mean holding time in steps (geometric exits)")
+    leverage: Any = _dyn(5.0, lo=1.0, doc="median leverage of new trades")
+    leverage_vol: Any = _dyn(0.5, lo=0.0, hi=5.0, doc="sd of log leverage of new trades")
+    max_leverage: Any = _dyn(50.0, lo=1.0, doc="collateral condition (eq. 1): leverage cap")
+    fee_elasticity: Any = _dyn(1.0, lo=0.0, doc="demand × exp(−elasticity × fee × steps_per_year)")
+    momentum: Any = _dyn(0.3, lo=-5.0, hi=5.0, doc="log-demand tilt per sd of the last return")
+    noise_vol: Any = _dyn(0.5, lo=0.0, hi=5.0, doc="sd of log demand of noise traders")
+    arb_leverage: Any = _dyn(
+        3.0, lo=0.0, doc="leverage of the funding-rate arbitrageur (0: no arbitrageur)"
+    )
 
 
 @dataclass(frozen=True)
@@ -182,8 +204,14 @@ class PathsConfig:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """`[pool]`: the LP portfolio at t=0."""
+    """`[pool]`: the pool: its assets at t=0, lending fee, limits, LP flows."""
 
+    mode: str = _f(
+        "pdlp",
+        type=str,
+        choices=("pdlp", "passive"),
+        doc="pdlp: full dynamics (§2.2); passive: an LP portfolio, no traders",
+    )
     initial_value: Any = _dyn(1.0e6, lo=0.0, lo_open=True, doc="pool value at t=0, numéraire")
     target_weights: Any = _dyn(
         None,
@@ -195,6 +223,16 @@ class PoolConfig:
         doc="target weight per asset, numéraire last (default equal)",
     )
     rebalance: bool = _f(False, type=bool, doc="passive pool: reset to target weights each step")
+    fee: Any = _dyn(
+        5.0e-5, lo=0.0, hi=1.0, hi_open=True, doc="lending fee f per step on borrowed value"
+    )
+    max_utilisation: Any = _dyn(
+        0.9, lo=0.0, hi=1.0, lo_open=True, doc="solvency: lent ≤ this fraction of each reserve"
+    )
+    lp_flow_drift: Any = _dyn(
+        0.0, lo=-100.0, hi=100.0, doc="net LP deposits, fraction of AUM per year"
+    )
+    lp_flow_vol: Any = _dyn(0.0, lo=0.0, hi=100.0, doc="sd of LP flows, fraction of AUM per √year")
 
 
 @dataclass(frozen=True)
@@ -208,6 +246,9 @@ class SimulationConfig:
     seed: int = _f(0, type=int, lo=0, doc="root PRNG seed")
     dtype: str = _f("float32", type=str, choices=("float32", "float64"), doc="float precision")
     progress: bool = _f(True, type=bool, doc="print progress between chunks")
+    identity_tolerance: float = _f(
+        1.0e-4, lo=0.0, doc="largest relative accounting-identity violation allowed"
+    )
 
 
 @dataclass(frozen=True)
@@ -567,6 +608,18 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError(
             f"simulation.num_pools: expected a multiple of the {combos} grid combinations, "
             f"got {s.num_pools}"
+        )
+    if cfg.pool.mode == "pdlp" and not m.numeraire:
+        raise ConfigError(
+            'market.numeraire: pool.mode = "pdlp" needs a numéraire (margin and '
+            "fees are paid in it)"
+        )
+    lev_max = min(float(np.min(v)) for v in _values(cfg, "market", "max_leverage"))
+    arb_lev = max(float(np.max(v)) for v in _values(cfg, "market", "arb_leverage"))
+    if arb_lev > lev_max:
+        raise ConfigError(
+            f"market.arb_leverage: expected at most market.max_leverage = "
+            f"{lev_max:g}, got {arb_lev:g}"
         )
     p = cfg.paths
     if p.antithetic and s.num_pools % 2:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ._numerics import fixed_sum
+
 __all__ = [
     "ReturnStats",
     "init_stats",
@@ -98,7 +100,7 @@ def finalize_stats(stats: ReturnStats, steps_per_year: float) -> dict[str, Array
     sharpe = jnp.where(ann_vol > 0, ann_mean / jnp.where(ann_vol > 0, ann_vol, 1.0), jnp.nan)
     filled = jnp.isfinite(stats.worst_losses)
     n_filled = jnp.maximum(jnp.sum(filled, axis=-1), 1)
-    cvar = -jnp.sum(jnp.where(filled, stats.worst_losses, 0.0), axis=-1) / n_filled
+    cvar = -fixed_sum(jnp.where(filled, stats.worst_losses, 0.0), axis=-1) / n_filled
     return {
         "ann_mean": ann_mean,
         "ann_vol": ann_vol,

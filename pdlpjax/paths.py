@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._numerics import fixed_sum
+
 __all__ = [
     "PathParams",
     "AbstractPathModel",
@@ -59,7 +61,7 @@ def _correlate(params: PathParams, z: Float[Array, " n"]) -> Float[Array, " n"]:
     for one pool is bitwise the same whatever the batch size (batched matmuls may reorder).
     """
     chol = jnp.linalg.cholesky(params.correlation)
-    return jnp.sum(chol * z[None, :], axis=1)
+    return fixed_sum(chol * z[None, :], axis=1)
 
 
 def poisson_from_uniform(

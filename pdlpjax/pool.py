@@ -1,7 +1,9 @@
-"""The pool's portfolio: reserves, LP shares, weights w(p, R) and value.
+"""The pool's portfolio: reserves, LP shares, weights w(p, R), value, LP flows and accounts.
 
-For now the pool is a passive LP portfolio (reserves at target weights, optionally reset to
-them every step); the perpetuals dynamics of Chitra et al. §2 build on the same state.
+Pool value (AUM) = pᵀR − net unrealised trader PnL (the pool is the traders' counterparty);
+LP share price = AUM / share supply. `Accounts` keeps the running sum of every term that
+moves AUM, so that each step ΔAUM = inventory + book + fees − bad debt + LP flows (the
+accounting identity of DESIGN.md), checked step by step.
 """
 
 from __future__ import annotations
@@ -10,29 +12,31 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._numerics import fixed_sum
+
 __all__ = [
-    "MarketParams",
     "PoolParams",
     "PoolState",
+    "Accounts",
     "init_pool",
+    "init_accounts",
     "pool_value",
     "weights",
-    "share_price",
     "with_numeraire",
+    "lp_flow",
+    "account_metrics",
 ]
 
 
-class MarketParams(eqx.Module):
-    """`[market]` dynamic params: `initial_prices` of the risky assets, shape `(num_risky,)`."""
-
-    initial_prices: Float[Array, " r"]
-
-
 class PoolParams(eqx.Module):
-    """`[pool]` dynamic params: `initial_value` (), `target_weights` (num_assets,)."""
+    """`[pool]` dynamic params of one pool."""
 
-    initial_value: Float[Array, ""]
-    target_weights: Float[Array, " n"]
+    initial_value: Float[Array, ""]  # numéraire at t = 0
+    target_weights: Float[Array, " n"]  # w*, numéraire last
+    fee: Float[Array, ""]  # lending fee f per step on borrowed value
+    max_utilisation: Float[Array, ""]  # lent ≤ this fraction of each reserve
+    lp_flow_drift: Float[Array, ""]  # net LP deposits, fraction of AUM per year
+    lp_flow_vol: Float[Array, ""]  # sd of LP flows, fraction of AUM per √year
 
 
 class PoolState(eqx.Module):
@@ -41,6 +45,43 @@ class PoolState(eqx.Module):
     prices: Float[Array, " n"]
     reserves: Float[Array, " n"]
     supply: Float[Array, ""]
+
+
+class Accounts(eqx.Module):
+    """Running totals of one pool (value in numéraire unless a count).
+
+    The identity terms: `inventory_pnl` ((p_{t+1} − p_t)ᵀR), `book_pnl` (minus the change of
+    unrealised trader PnL from the price move), `fees`, `bad_debt` (subtracted), `lp_flows`
+    (deposits − withdrawals). The rest is detail: margin taken at liquidations and exits,
+    profits paid to traders, funding paid between traders, event counts, time sums for
+    averages, and the largest relative identity violation with its step.
+    """
+
+    inventory_pnl: Float[Array, ""]
+    book_pnl: Float[Array, ""]
+    fees: Float[Array, ""]
+    bad_debt: Float[Array, ""]
+    lp_flows: Float[Array, ""]
+    liquidated_margin: Float[Array, ""]
+    exit_received: Float[Array, ""]
+    exit_paid: Float[Array, ""]
+    funding_paid: Float[Array, ""]
+    liquidations: Float[Array, ""]
+    exits: Float[Array, ""]
+    evictions: Float[Array, ""]
+    opened: Float[Array, ""]
+    rejected: Float[Array, ""]
+    utilisation_sum: Float[Array, ""]
+    open_interest_sum: Float[Array, ""]
+    value_sum: Float[Array, ""]
+    identity_error: Float[Array, ""]
+    identity_error_step: Float[Array, ""]
+
+
+def init_accounts(dtype) -> Accounts:
+    """All totals zero."""
+    zero = jnp.zeros((), dtype)
+    return Accounts(*([zero] * len(Accounts.__dataclass_fields__)))
 
 
 def with_numeraire(risky: Float[Array, " r"], has_numeraire: bool) -> Float[Array, " n"]:
@@ -52,22 +93,77 @@ def with_numeraire(risky: Float[Array, " r"], has_numeraire: bool) -> Float[Arra
 
 def pool_value(prices: Float[Array, " n"], reserves: Float[Array, " n"]) -> Float[Array, ""]:
     """pᵀR, the value of the reserves in numéraire."""
-    return jnp.sum(prices * reserves)
+    return fixed_sum(prices * reserves)
 
 
 def weights(prices: Float[Array, " n"], reserves: Float[Array, " n"]) -> Float[Array, " n"]:
     """w(p, R) = p ⊙ R / pᵀR (Chitra et al. §3.1)."""
     v = prices * reserves
-    return v / jnp.sum(v)
+    return v / fixed_sum(v)
 
 
-def share_price(state: PoolState) -> Float[Array, ""]:
-    """LP share price: pool value / share supply."""
-    return pool_value(state.prices, state.reserves) / state.supply
-
-
-def init_pool(market: MarketParams, pool: PoolParams, has_numeraire: bool) -> PoolState:
+def init_pool(
+    initial_prices: Float[Array, " r"], pool: PoolParams, has_numeraire: bool
+) -> PoolState:
     """Reserves at the target weights worth `initial_value`; share price 1."""
-    prices = with_numeraire(market.initial_prices, has_numeraire)
+    prices = with_numeraire(initial_prices, has_numeraire)
     reserves = pool.target_weights * pool.initial_value / prices
     return PoolState(prices=prices, reserves=reserves, supply=pool.initial_value)
+
+
+def lp_flow(
+    state: PoolState,
+    aum: Float[Array, ""],
+    available: Float[Array, " n"],
+    params: PoolParams,
+    z: Float[Array, ""],
+    dt: float,
+) -> tuple[PoolState, Float[Array, ""]]:
+    """Exogenous LP deposits and withdrawals at the current share price (§2.2 step 5).
+
+    The net flow is a fraction φ = drift·dt + vol·√dt·z of AUM. A deposit brings assets at the
+    target weights; a withdrawal takes assets in proportion to the available value p ⊙ R^A and
+    is capped at 99% of it (lent assets cannot leave). Shares are minted or burnt at AUM /
+    supply, so the share price does not move.
+    **Returns:** the new state and the net flow (deposits − withdrawals, numéraire).
+    """
+    phi = params.lp_flow_drift * dt + params.lp_flow_vol * jnp.sqrt(dt) * z
+    available = jnp.maximum(available, 0.0)
+    avail_value = fixed_sum(state.prices * available)
+    deposit = jnp.maximum(phi, 0.0) * aum
+    withdraw = jnp.minimum(jnp.maximum(-phi, 0.0) * aum, 0.99 * avail_value)
+    # × reciprocal, not ÷ a broadcast scalar: see `market.accept_trades`.
+    out_share = available * (1.0 / jnp.where(avail_value > 0, avail_value, 1.0))
+    reserves = (
+        state.reserves + deposit * params.target_weights / state.prices - withdraw * out_share
+    )
+    flow = deposit - withdraw
+    supply = state.supply + flow / (aum / state.supply)
+    return PoolState(state.prices, reserves, supply), flow
+
+
+def account_metrics(
+    acc: Accounts, initial_value: Float[Array, "*b"], num_steps: int, steps_per_year: float
+) -> dict[str, Array]:
+    """Per-pool figures from the accounts (batched or not).
+
+    **Returns:** `utilisation` and `open_interest` (time averages; open interest as a fraction
+    of average AUM), `fee_income` (numéraire), `fee_apr` (fees / average AUM per year),
+    `liquidations`, `bad_debt` (fraction of initial value), `funding_paid` (numéraire),
+    `rejected` and `opened` trades, and `identity_error` (largest relative violation).
+    """
+    avg_value = acc.value_sum / num_steps
+    years = num_steps / steps_per_year
+    safe = jnp.where(avg_value > 0, avg_value, 1.0)
+    return {
+        "utilisation": acc.utilisation_sum / num_steps,
+        "open_interest": acc.open_interest_sum / num_steps / safe,
+        "fee_income": acc.fees,
+        "fee_apr": acc.fees / safe / years,
+        "liquidations": acc.liquidations,
+        "bad_debt": acc.bad_debt / initial_value,
+        "funding_paid": acc.funding_paid,
+        "opened": acc.opened,
+        "rejected": acc.rejected,
+        "identity_error": acc.identity_error,
+    }

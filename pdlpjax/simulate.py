@@ -25,23 +25,56 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ._numerics import fixed_sum
+from .market import (
+    Book,
+    MarketParams,
+    accept_trades,
+    charge_fees,
+    empty_book,
+    funding_arbitrage,
+    funding_rate,
+    liquidation_mask,
+    next_slots,
+    open_cohorts,
+    open_interest,
+    pay_funding,
+    reserved,
+    settle,
+    side_sizes,
+    trader_demand,
+    unrealised_pnl,
+)
 from .metrics import ReturnStats, finalize_stats, init_stats, update_stats
 from .paths import AbstractPathModel, PathParams
-from .pool import MarketParams, PoolParams, PoolState, init_pool, share_price
+from .pool import (
+    Accounts,
+    PoolParams,
+    PoolState,
+    account_metrics,
+    init_accounts,
+    init_pool,
+    lp_flow,
+    pool_value,
+)
 
 __all__ = [
     "Params",
     "SimSpec",
     "SimState",
+    "StepNoise",
     "Record",
     "SimResult",
     "init_state",
     "step",
+    "draw_noise",
     "rollout",
     "rollout_from_noise",
     "pool_keys",
     "simulate",
     "trace_count",
+    "aum",
+    "lp_share_price",
 ]
 
 
@@ -56,12 +89,19 @@ class Params(eqx.Module):
 class SimSpec(eqx.Module):
     """Static settings of the step: they fix shapes and control flow (changing one recompiles)."""
 
+    num_risky: int = eqx.field(static=True)
     has_numeraire: bool = eqx.field(static=True)
-    rebalance: bool = eqx.field(static=True)
     steps_per_year: float = eqx.field(static=True)
     num_worst: int = eqx.field(static=True)
+    mode: str = eqx.field(static=True, default="pdlp")  # "pdlp" | "passive"
+    num_cohorts: int = eqx.field(static=True, default=16)
+    rebalance: bool = eqx.field(static=True, default=False)
     record_every: int = eqx.field(static=True, default=0)
     antithetic: bool = eqx.field(static=True, default=False)
+
+    @property
+    def dt(self) -> float:
+        return 1.0 / self.steps_per_year
 
 
 class SimState(eqx.Module):
@@ -69,50 +109,207 @@ class SimState(eqx.Module):
 
     t: Int[Array, ""]  # steps taken
     pool: PoolState
+    book: Book
+    accounts: Accounts
     path: Any  # the path model's own state
     stats: ReturnStats
 
 
+class StepNoise(eqx.Module):
+    """One step's draws: the path model's, then the market's (shapes r = risky, K cohorts)."""
+
+    path: Any
+    u_exit: Float[Array, "r 2 k"]  # exits: a cohort leaves when u < 1 / mean_holding
+    z_demand: Float[Array, "r 2"]  # noise traders' log demand
+    z_leverage: Float[Array, "r 2"]  # log leverage of new trades
+    z_flow: Float[Array, ""]  # LP flow
+
+
 class Record(eqx.Module):
-    """A thinned record (every `record_every` steps): LP share price, prices, reserves."""
+    """A thinned record (every `record_every` steps) of one pool."""
 
     share_price: Float[Array, "*k"]
     prices: Float[Array, "*k n"]
     reserves: Float[Array, "*k n"]
+    utilisation: Float[Array, "*k"]  # value lent / pᵀR
+    open_interest: Float[Array, "*k"]  # Σ δ p, numéraire
+
+
+def aum(pool: PoolState, book: Book, num_risky: int) -> Float[Array, ""]:
+    """Pool value: pᵀR − net unrealised trader PnL."""
+    return pool_value(pool.prices, pool.reserves) - unrealised_pnl(book, pool.prices[:num_risky])
+
+
+def lp_share_price(state: SimState, num_risky: int) -> Float[Array, ""]:
+    """LP share price: AUM / share supply."""
+    return aum(state.pool, state.book, num_risky) / state.pool.supply
+
+
+def _available(pool: PoolState, book: Book, num_risky: int) -> Float[Array, " n"]:
+    """R^A = R − what is lent (long tokens per asset; short numéraire)."""
+    long_tokens, short_value = reserved(book)
+    return pool.reserves - jnp.concatenate([long_tokens, short_value[None]])
+
+
+def _utilisation(pool: PoolState, book: Book, num_risky: int) -> Float[Array, ""]:
+    long_tokens, short_value = reserved(book)
+    lent = fixed_sum(long_tokens * pool.prices[:num_risky]) + short_value
+    return lent / pool_value(pool.prices, pool.reserves)
 
 
 def init_state(params: Params, model: AbstractPathModel, spec: SimSpec) -> SimState:
-    """State at t = 0 of one pool."""
-    pool = init_pool(params.market, params.pool, spec.has_numeraire)
+    """State at t = 0 of one pool: reserves at target weights, no positions, share price 1."""
+    pool = init_pool(params.market.initial_prices, params.pool, spec.has_numeraire)
+    dtype = pool.prices.dtype
+    book = empty_book(spec.num_risky, spec.num_cohorts, dtype)
     return SimState(
         t=jnp.asarray(0, jnp.int32),
         pool=pool,
+        book=book,
+        accounts=init_accounts(dtype),
         path=model.init(params.paths),
-        stats=init_stats(share_price(pool), spec.num_worst),
+        stats=init_stats(pool_value(pool.prices, pool.reserves) / pool.supply, spec.num_worst),
     )
 
 
 def step(
-    state: SimState, params: Params, model: AbstractPathModel, spec: SimSpec, noise: Any
+    state: SimState, params: Params, model: AbstractPathModel, spec: SimSpec, noise: StepNoise
 ) -> SimState:
-    """Advance one pool by one step with the given draws.
+    """Advance one pool by one step with the given draws, in the paper's order (§2.2, App. A).
 
     1. Oracle: prices move by the path model's log returns (numéraire fixed at 1).
-    2. Passive LP portfolio: reserves held, or reset to the target weights (`rebalance`).
-    3. LP share price return folded into the online statistics.
+    2. Liquidations: cohorts with sign(η) δ (p0 − p) ≥ c close; the pool takes their margin
+       and absorbs any loss beyond it as bad debt.
+    3. Funding at γ_L = κ (L/S − p_{t+1}/p_t) (eq. 2), between longs and shorts.
+    4. Lending fee f on borrowed value, from margins to the pool.
+    5. LP updates: exogenous deposits and withdrawals at the share price.
+    6. Trades: random exits (and evictions from full cohort rings) settle against the pool;
+       new demand and the funding-rate arbitrageur (eq. 3, 4) open positions that pass the
+       collateral condition (eq. 1) and the solvency requirement.
+    In `passive` mode only step 1 runs, with reserves optionally reset to the target weights.
+    The accounting identity is checked every step (`Accounts.identity_error`).
     """
-    path_state, log_ret = model.step(state.path, params.paths, noise)
+    r = spec.num_risky
+    pool, book, acc = state.pool, state.book, state.accounts
+    p_old = pool.prices
+    aum_before = aum(pool, book, r)
+
+    # 1. Oracle.
+    path_state, log_ret = model.step(state.path, params.paths, noise.path)
     growth = jnp.exp(log_ret)
     if spec.has_numeraire:
         growth = jnp.concatenate([growth, jnp.ones((1,), growth.dtype)])
-    prices = state.pool.prices * growth
-    reserves = state.pool.reserves
-    if spec.rebalance:
-        value = jnp.sum(prices * reserves)
-        reserves = params.pool.target_weights * value / prices
-    pool = PoolState(prices=prices, reserves=reserves, supply=state.pool.supply)
-    stats = update_stats(state.stats, share_price(pool))
-    return SimState(t=state.t + 1, pool=pool, path=path_state, stats=stats)
+    p_new = p_old * growth
+    inventory = fixed_sum((p_new - p_old) * pool.reserves)
+    book_move = -(unrealised_pnl(book, p_new[:r]) - unrealised_pnl(book, p_old[:r]))
+    reserves = pool.reserves
+    zero = jnp.zeros((), p_new.dtype)
+    fees = bad_debt = flow = zero
+    liq_margin = liq_count = funding = exit_received = exit_paid = zero
+    n_exits = n_evict = n_open = n_rejected = zero
+
+    if spec.mode == "passive":
+        if spec.rebalance:
+            reserves = params.pool.target_weights * pool_value(p_new, reserves) / p_new
+            inventory = inventory + pool_value(p_new, reserves) - pool_value(p_new, pool.reserves)
+        pool = PoolState(p_new, reserves, pool.supply)
+    else:
+        pr, pr_old = p_new[:r], p_old[:r]
+        mp, pp = params.market, params.pool
+        # 2. Liquidations.
+        liq = settle(book, liquidation_mask(book, pr), pr)
+        book, reserves = liq.book, reserves + liq.reserve_change
+        liq_margin, liq_count, bad_debt = liq.received, liq.count, liq.bad_debt
+        # 3. Funding on the positions of the previous period.
+        gamma = funding_rate(side_sizes(book), pr, pr_old, mp.funding_kappa, mp.funding_cap)
+        book, funding = pay_funding(book, gamma, pr)
+        # 4. Lending fees.
+        book, fees = charge_fees(book, pr, pp.fee)
+        reserves = reserves.at[r].add(fees)
+        # 5. LP updates. (Target-weight arbitrage plugs in here.)
+        pool = PoolState(p_new, reserves, pool.supply)
+        value = aum(pool, book, r)
+        pool, flow = lp_flow(pool, value, _available(pool, book, r), pp, noise.z_flow, spec.dt)
+        # 6. Trades: exits first (they free capacity), then new positions.
+        leaving = book.is_open & (noise.u_exit * mp.mean_holding < 1.0)
+        slot, evict = next_slots(eqx.tree_at(lambda b: b.is_open, book, book.is_open & ~leaving))
+        ex = settle(book, leaving | evict, pr)
+        book = ex.book
+        pool = PoolState(p_new, pool.reserves + ex.reserve_change, pool.supply)
+        bad_debt = bad_debt + ex.bad_debt
+        exit_received, exit_paid = ex.received, ex.paid
+        n_exits, n_evict = ex.count, jnp.sum(evict).astype(p_new.dtype)
+        sd = params.paths.vols * jnp.sqrt(spec.dt)
+        z_ret = log_ret / jnp.where(sd > 0, sd, 1.0)
+        notional, lev = trader_demand(
+            mp,
+            aum(pool, book, r),
+            z_ret,
+            pp.fee,
+            spec.steps_per_year,
+            noise.z_demand,
+            noise.z_leverage,
+        )
+        arb = funding_arbitrage(side_sizes(book), gamma, pr, pr_old, pp.fee)
+        arb_notional = jnp.where(mp.arb_leverage > 0, arb * pr[:, None], 0.0)
+        arb_lev = jnp.broadcast_to(mp.arb_leverage, arb.shape)
+        ok = accept_trades(
+            [(notional, lev), (arb_notional, arb_lev)],
+            pr,
+            pool.reserves,
+            book,
+            mp.max_leverage,
+            pp.max_utilisation,
+        )
+        book, n_open = open_cohorts(book, slot, ok.size, ok.margin, pr, state.t)
+        n_rejected = ok.rejected
+
+    aum_after = aum(pool, book, r)
+    terms = inventory + book_move + fees - bad_debt + flow
+    violation = jnp.abs(aum_after - aum_before - terms) / jnp.maximum(jnp.abs(aum_before), 1e-30)
+    worse = violation > acc.identity_error
+    acc = Accounts(
+        inventory_pnl=acc.inventory_pnl + inventory,
+        book_pnl=acc.book_pnl + book_move,
+        fees=acc.fees + fees,
+        bad_debt=acc.bad_debt + bad_debt,
+        lp_flows=acc.lp_flows + flow,
+        liquidated_margin=acc.liquidated_margin + liq_margin,
+        exit_received=acc.exit_received + exit_received,
+        exit_paid=acc.exit_paid + exit_paid,
+        funding_paid=acc.funding_paid + funding,
+        liquidations=acc.liquidations + liq_count,
+        exits=acc.exits + n_exits,
+        evictions=acc.evictions + n_evict,
+        opened=acc.opened + n_open,
+        rejected=acc.rejected + n_rejected,
+        utilisation_sum=acc.utilisation_sum + _utilisation(pool, book, r),
+        open_interest_sum=acc.open_interest_sum + open_interest(book, p_new[:r]),
+        value_sum=acc.value_sum + aum_after,
+        identity_error=jnp.where(worse, violation, acc.identity_error),
+        identity_error_step=jnp.where(
+            worse, state.t.astype(violation.dtype), acc.identity_error_step
+        ),
+    )
+    stats = update_stats(state.stats, aum_after / pool.supply)
+    return SimState(t=state.t + 1, pool=pool, book=book, accounts=acc, path=path_state, stats=stats)
+
+
+def draw_noise(
+    model: AbstractPathModel, spec: SimSpec, key: PRNGKeyArray, t: Int[Array, ""]
+) -> StepNoise:
+    """Step t's draws of one pool: a pure function of (pool key, t)."""
+    k = jr.fold_in(key, t)
+    k_path, k_exit, k_demand, k_lev, k_flow = jr.split(k, 5)
+    dtype = model.dtype
+    shape = (spec.num_risky, 2)
+    return StepNoise(
+        path=model.noise(k_path),
+        u_exit=jr.uniform(k_exit, (*shape, spec.num_cohorts), dtype),
+        z_demand=jr.normal(k_demand, shape, dtype),
+        z_leverage=jr.normal(k_lev, shape, dtype),
+        z_flow=jr.normal(k_flow, (), dtype),
+    )
 
 
 def _draw(
@@ -121,16 +318,24 @@ def _draw(
     key: PRNGKeyArray,
     flip: Bool[Array, ""],
     t: Int[Array, ""],
-) -> Any:
-    noise = model.noise(jr.fold_in(key, t))
-    if spec.antithetic:
-        mirrored = model.antithetic(noise)
-        noise = jtu.tree_map(lambda a, b: jnp.where(flip, b, a), noise, mirrored)
+) -> StepNoise:
+    noise = draw_noise(model, spec, key, t)
+    if spec.antithetic:  # mirror the price path's draws only
+        mirrored = model.antithetic(noise.path)
+        path = jtu.tree_map(lambda a, b: jnp.where(flip, b, a), noise.path, mirrored)
+        noise = eqx.tree_at(lambda n: n.path, noise, path)
     return noise
 
 
-def _record(state: SimState) -> Record:
-    return Record(share_price(state.pool), state.pool.prices, state.pool.reserves)
+def _record(state: SimState, spec: SimSpec) -> Record:
+    r = spec.num_risky
+    return Record(
+        share_price=lp_share_price(state, r),
+        prices=state.pool.prices,
+        reserves=state.pool.reserves,
+        utilisation=_utilisation(state.pool, state.book, r),
+        open_interest=open_interest(state.book, state.pool.prices[:r]),
+    )
 
 
 def _scan(f: Callable, init: Any, length: int) -> tuple[Any, Any]:
@@ -175,7 +380,7 @@ def rollout(
 
     def block(s: SimState, _: None) -> tuple[SimState, Record]:
         s, _ = _scan(one, s, spec.record_every)
-        return s, _record(s)
+        return s, _record(s, spec)
 
     return _scan(block, state, num_steps // spec.record_every)
 
@@ -188,9 +393,9 @@ def rollout_from_noise(
     **Returns:** `(state, record)` with a record of every step.
     """
 
-    def one(s: SimState, n: Any) -> tuple[SimState, Record]:
+    def one(s: SimState, n: StepNoise) -> tuple[SimState, Record]:
         s = step(s, params, model, spec, n)
-        return s, _record(s)
+        return s, _record(s, spec)
 
     return lax.scan(one, state, noise)
 
@@ -215,11 +420,32 @@ def trace_count() -> int:
     return _TRACES["count"]
 
 
-def _chunk(state, params, model, keys, flips, *, spec: SimSpec, length: int):
+def _chunk(state, params, model, keys, flips, num_blocks, *, spec: SimSpec, max_blocks: int):
+    """Run every pool `num_blocks` blocks (a traced count); a block is `record_every` steps
+    followed by a record, or one step without records.
+
+    The trip count is dynamic on purpose: the compiled loop body is then the same whatever
+    the chunk length, so results do not depend on it (a static one-trip loop is inlined and
+    fused differently, which changes rounding), and the last, shorter chunk reuses the
+    program. Records go into a buffer of `max_blocks` rows; rows past `num_blocks` are unused.
+    """
     _TRACES["count"] += 1
 
     def one_pool(s, p, k, f):
-        return rollout(s, p, model, spec, k, f, length)
+        def one(_, s):
+            return step(s, p, model, spec, _draw(model, spec, k, f, s.t))
+
+        if not spec.record_every:
+            return lax.fori_loop(0, num_blocks, one, s), None
+
+        def block(i, carry):
+            s, rec = carry
+            s = lax.fori_loop(0, spec.record_every, one, s)
+            rec = jtu.tree_map(lambda b, x: b.at[i].set(x), rec, _record(s, spec))
+            return s, rec
+
+        rec0 = jtu.tree_map(lambda x: jnp.zeros((max_blocks, *x.shape), x.dtype), _record(s, spec))
+        return lax.fori_loop(0, num_blocks, block, (s, rec0))
 
     return jax.vmap(one_pool)(state, params, keys, flips)
 
@@ -283,24 +509,31 @@ def simulate(
     records, chunk_seconds = [], []
     t_run = 0.0
     done = 0
+    unit = spec.record_every or 1
+    max_blocks = chunk_length // unit
     while done < num_steps:
         length = min(chunk_length, num_steps - done)
-        fn, c = _compiled(_chunk, (state, params, model, keys, flips), spec=spec, length=length)
+        blocks = jnp.asarray(length // unit, jnp.int32)
+        args = (state, params, model, keys, flips, blocks)
+        fn, c = _compiled(_chunk, args, spec=spec, max_blocks=max_blocks)
         compile_s += c
         t0 = time.perf_counter()
-        state, rec = fn(state, params, model, keys, flips)
+        state, rec = fn(*args)
         jax.block_until_ready(state)
         dt = time.perf_counter() - t0
         t_run += dt
         chunk_seconds.append(dt)
         if rec is not None:
-            records.append(jtu.tree_map(np.asarray, rec))
+            records.append(jtu.tree_map(lambda x, n=length // unit: np.asarray(x[:, :n]), rec))
         done += length
         if progress is not None:
             progress(done, num_steps, t_run, compile_s)
-    metrics = {
-        k: np.asarray(v) for k, v in finalize_stats(state.stats, spec.steps_per_year).items()
-    }
+    metrics = finalize_stats(state.stats, spec.steps_per_year)
+    if spec.mode == "pdlp":
+        metrics |= account_metrics(
+            state.accounts, params.pool.initial_value, num_steps, spec.steps_per_year
+        )
+    metrics = {k: np.asarray(v) for k, v in metrics.items()}
     record = None
     if records:
         record = jtu.tree_map(lambda *xs: np.concatenate(xs, axis=1), *records)

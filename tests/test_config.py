@@ -343,6 +343,12 @@ def test_bad_config_raises_one_line(tmp_path, text, overrides, expected):
 def test_bad_config_cli_exits_2(tmp_path, capsys, text, overrides, expected):
     path = _config_file(tmp_path, text)
     out = tmp_path / "out"
+    try:  # an accepted config would make the CLI compile and run a whole simulation
+        pdlpjax.load_config(path, list(overrides))
+    except pdlpjax.ConfigError:
+        pass
+    else:
+        pytest.fail("load_config accepted the config; the CLI would run it")
     rc, stdout, err = _cli(_run_args(path, overrides, out), capsys)
     _assert_one_line_error(rc, err, expected)
     assert stdout == ""

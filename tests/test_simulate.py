@@ -6,7 +6,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 import pytest
@@ -109,9 +108,12 @@ def test_rollout_from_noise_matches_keyed_rollout():
     key = P.pool_keys(0, 1)[0][0]
     s0 = P.init_state(params, model, spec)
     keyed, _ = P.rollout(s0, params, model, spec, key, jnp.asarray(False), 20)
-    noise = jax.vmap(lambda t: model.noise(jr.fold_in(key, t)))(jnp.arange(20))
+    noise = jax.vmap(lambda t: P.draw_noise(model, spec, key, t))(jnp.arange(20))
     injected, rec = P.rollout_from_noise(s0, params, model, spec, noise)
-    assert_trees_equal(keyed, injected)
+    # Two different programs (draws made inside the loop or passed in) fuse differently, so
+    # float32 results agree to rounding, not bitwise.
+    for x, y in zip(jtu.tree_leaves(keyed), jtu.tree_leaves(injected), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=1e-6)
     assert rec.share_price.shape == (20,)
 
 
@@ -143,6 +145,7 @@ def test_online_metrics_match_numpy_on_recorded_series():
 def test_passive_pool_value_and_rebalance():
     """Held reserves never change; rebalanced reserves stay at the target weights."""
     cfg = small_config(num_pools=3, num_steps=24)
+    cfg = dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, mode="passive"))
     held = run(cfg)
     r0 = (
         np.asarray(P.make_params(cfg).pool.target_weights)
