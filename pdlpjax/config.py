@@ -54,6 +54,10 @@ PATH_MODELS = ("gbm", "jump", "garch", "bootstrap")
 class ConfigError(ValueError):
     """A config (or its data) is invalid. `str(err)` is one line naming the key."""
 
+    def __init__(self, message: str) -> None:
+        # User text (keys, paths) may hold line breaks; keep the message on one line.
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -632,14 +636,14 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError('paths.data: model = "bootstrap" needs a CSV file or folder of CSVs')
     if p.data and not Path(p.data).exists():
         raise ConfigError(f"paths.data: {p.data}: no such file or folder")
-    alphas, betas = _values(cfg, "paths", "garch_alpha"), _values(cfg, "paths", "garch_beta")
-    if len(alphas) != len(betas):  # one is a grid or per-pool list: compare all pairs
-        alphas, betas = zip(*itertools.product(alphas, betas), strict=True)
-    for i, (a, b) in enumerate(zip(alphas, betas, strict=True)):
-        if np.any(np.asarray(a) + np.asarray(b) >= 1.0):
+    if p.model == "garch":  # check every pool: grids and per-pool lists combine
+        values, _ = resolve_dynamic(cfg)
+        total = values["paths"]["garch_alpha"] + values["paths"]["garch_beta"]
+        if np.any(total >= 1.0):
+            i = int(np.argmax(np.max(total, axis=1)))
             raise ConfigError(
-                f"paths.garch_alpha: expected garch_alpha + garch_beta < 1 (pool {i}), "
-                f"got {np.max(np.asarray(a) + np.asarray(b)):g}"
+                f"paths.garch_alpha: expected garch_alpha + garch_beta < 1, got "
+                f"{np.max(total[i]):g} for pool {i}"
             )
     lam_dt = max(float(np.max(v)) for v in _values(cfg, "paths", "jump_intensity"))
     if lam_dt * cfg.dt > 1.0:
@@ -670,7 +674,9 @@ def _check_shape(cfg: Config, key: str, spec: Spec, value: Any) -> None:
     n = _expected_length(cfg, spec)
     if spec.rank == 1 and arr.ndim == 1 and n is not None and arr.shape[0] != n:
         raise ConfigError(
-            f"{key}: expected {n} values (one per {spec.length} asset), got {arr.shape[0]}"
+            f"{key}: expected {n} values (one per "
+            f"{'risky asset' if spec.length == 'risky' else 'asset, numéraire last'}), "
+            f"got {arr.shape[0]}"
         )
     if spec.rank == 2:
         if arr.ndim != 2 or arr.shape != (n, n):

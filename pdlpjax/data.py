@@ -40,15 +40,27 @@ class Closes:
     assets: tuple[str, ...]
 
 
-def _parse_times(values: list[str], where: str) -> np.ndarray:
+def _parse_times(values: list[str], where: str, lines: list[int]) -> np.ndarray:
+    values = [v.strip() for v in values]
+    for v, line in zip(values, lines, strict=True):
+        if not v:
+            raise DataError(f"{where}: empty time at line {line}")
     try:
         nums = np.asarray(values, dtype=float)
     except ValueError:
         nums = None
     if nums is not None:
-        # Epoch: milliseconds when past ~1973 in ms (> 1e11), else seconds.
-        scale = 1000.0 if np.nanmax(np.abs(nums)) > 1e11 else 1.0
-        return (nums / scale).astype("int64").astype("datetime64[s]")
+        if not np.all(np.isfinite(nums)):
+            bad = int(np.argmax(~np.isfinite(nums)))
+            raise DataError(f"{where}: time {values[bad]!r} at line {lines[bad]} is not a time")
+        if np.all((nums >= 19000101) & (nums <= 21001231) & (nums == np.round(nums))):
+            # YYYYMMDD integers, not epoch seconds (which would all fall in 1970).
+            text = [f"{int(x):08d}" for x in nums]
+            values = [f"{t[:4]}-{t[4:6]}-{t[6:]}" for t in text]
+        else:
+            # Epoch: milliseconds when past ~1973 in ms (> 1e11), else seconds.
+            scale = 1000.0 if np.max(np.abs(nums)) > 1e11 else 1.0
+            return (nums / scale).astype("int64").astype("datetime64[s]")
     try:
         return np.asarray(
             [v.strip().replace(" ", "T").rstrip("Z") for v in values], dtype="datetime64[s]"
@@ -58,16 +70,21 @@ def _parse_times(values: list[str], where: str) -> np.ndarray:
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """Header (lower case) and data rows; each row ends with its line number in the file."""
     try:
         with path.open(newline="") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError) as err:
+            rows = [[*r, i + 1] for i, r in enumerate(csv.reader(fh))]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path}: cannot read ({err})") from None
-    rows = [r for r in rows if r and any(c.strip() for c in r)]
+    rows = [r for r in rows if any(str(c).strip() for c in r[:-1])]
     if len(rows) < 3:
         raise DataError(f"{path}: expected a header and at least two rows")
-    header = [h.strip().lower() for h in rows[0]]
-    return header, rows[1:]
+    header = [h.strip().lower() for h in rows[0][:-1]]
+    body = rows[1:]
+    short = [r for r in body if len(r) - 1 < len(header)]
+    if short:
+        raise DataError(f"{path}: line {short[0][-1]} has fewer columns than the header")
+    return header, body
 
 
 def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) -> int:
@@ -77,15 +94,25 @@ def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) ->
     raise DataError(f"{path}: missing {what} column (expected one of {', '.join(names)})")
 
 
-def _series(path: Path, times_raw: list[str], closes_raw: list[str]) -> tuple:
-    times = _parse_times(times_raw, str(path))
+def _series(path: Path, rows: list[list], t: int, c: int) -> tuple:
+    lines = [r[-1] for r in rows]
+    times = _parse_times([r[t] for r in rows], str(path), lines)
+    closes_raw = [r[c].strip() for r in rows]
     try:
         closes = np.asarray(closes_raw, dtype=float)
     except ValueError:
-        raise DataError(f"{path}: close column holds non-numbers") from None
+        bad = next(i for i, v in enumerate(closes_raw) if not _is_number(v))
+        raise DataError(
+            f"{path}: expected a number as close, got {closes_raw[bad]!r} at line {lines[bad]}"
+        ) from None
     if not np.all(np.isfinite(closes)) or np.any(closes <= 0):
         bad = int(np.argmax(~np.isfinite(closes) | (closes <= 0)))
-        raise DataError(f"{path}: expected positive closes, got {closes[bad]!r} at row {bad + 2}")
+        raise DataError(
+            f"{path}: expected positive closes, got {closes_raw[bad]} at line {lines[bad]}"
+        )
+    if np.any(np.isnat(times)):
+        bad = int(np.argmax(np.isnat(times)))
+        raise DataError(f"{path}: time at line {lines[bad]} does not parse")
     diffs = np.diff(times).astype("int64")
     if np.any(diffs == 0):
         raise DataError(f"{path}: duplicate time {times[1:][diffs == 0][0]}")
@@ -100,12 +127,18 @@ def _load_file(path: Path, ticker: str | None = None) -> tuple:
     c = _column(header, ("close",), path, "close")
     if ticker is not None:
         k = _column(header, TICKER_COLUMNS, path, "ticker")
-        rows = [r for r in rows if len(r) > k and _matches(r[k].strip(), ticker)]
+        rows = [r for r in rows if _matches(r[k].strip(), ticker)]
         if len(rows) < 2:
             raise DataError(f"{path}: no rows for asset {ticker}")
-    if any(len(r) <= max(t, c) for r in rows):
-        raise DataError(f"{path}: a row has fewer columns than the header")
-    return _series(path, [r[t] for r in rows], [r[c] for r in rows])
+    return _series(path, rows, t, c)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _matches(name: str, asset: str) -> bool:
@@ -161,7 +194,7 @@ def _load_wide(path: Path, assets: tuple[str, ...] | list[str]) -> list:
     out = []
     for a in assets:
         k = _column(header, (a.lower(),), path, f"'{a}'")
-        out.append(_series(path, [r[t] for r in rows], [r[k] for r in rows]))
+        out.append(_series(path, rows, t, k))
     return out
 
 

@@ -269,21 +269,21 @@ def trader_demand(
     return notional, lev
 
 
-def next_slots(book: Book) -> tuple[Int[Array, "r 2"], Bool[Array, "r 2 k"]]:
-    """Where each market and side writes its next cohort: the first free slot, else the oldest.
+def next_slots(book: Book) -> tuple[Int[Array, "r 2"], Bool[Array, "r 2"]]:
+    """Where each market and side writes its next cohort: the first free slot, else the newest
+    cohort, into which the new trade merges.
 
-    **Returns:** the slot index, and the mask of cohorts evicted (closed) to make room: a full
-    ring closes its oldest cohort, so K bounds the number of cohorts, not their holding time
-    (unless more than K are opened within a holding time).
+    Merging keeps every trader's PnL exact (Σ δ (p − p0) is linear: the merged entry price is
+    the size-weighted mean) and what is reserved (Σ δ p0); it only pools the margins of the
+    merged trades for liquidation, as one account holding both would. So K bounds the number
+    of distinct cohorts, never the holding time. **Returns:** the slot, and whether it merges.
     """
     free = ~book.is_open
     any_free = jnp.any(free, axis=-1)
     first_free = jnp.argmax(free, axis=-1)
-    oldest = jnp.argmin(book.opened_at, axis=-1)
-    slot = jnp.where(any_free, first_free, oldest).astype(jnp.int32)
-    k = jnp.arange(book.size.shape[-1])
-    evict = (~any_free)[..., None] & (k == slot[..., None])
-    return slot, evict
+    newest = jnp.argmax(book.opened_at, axis=-1)
+    slot = jnp.where(any_free, first_free, newest).astype(jnp.int32)
+    return slot, ~any_free
 
 
 class Acceptance(eqx.Module):
@@ -346,29 +346,32 @@ def accept_trades(
 def open_cohorts(
     book: Book,
     slot: Int[Array, "r 2"],
+    merge: Bool[Array, "r 2"],
     size: Float[Array, "r 2"],
     margin: Float[Array, "r 2"],
     prices: Float[Array, " r"],
     t: Int[Array, ""],
-) -> tuple[Book, Float[Array, ""]]:
-    """Write one new cohort per market and side at `slot` (where its size is > 0).
+) -> tuple[Book, Float[Array, ""], Float[Array, ""]]:
+    """Write one new cohort per market and side at `slot` (where its size is > 0), merging
+    into the open cohort there when `merge` (see `next_slots`).
 
-    **Returns:** the book and the number of cohorts opened.
+    **Returns:** the book, the number of cohorts written and the number of those merged.
     """
     k = jnp.arange(book.size.shape[-1])
     write = (k == slot[..., None]) & (size > 0)[..., None]
-    entry = jnp.broadcast_to(prices[:, None], size.shape)
-    lev = size * entry / jnp.where(margin > 0, margin, 1.0)
-
-    def put(old, new):
-        return jnp.where(write, new[..., None], old)
-
+    merging = write & merge[..., None] & book.is_open
+    old_size = jnp.where(merging, book.size, 0.0)
+    old_margin = jnp.where(merging, book.margin, 0.0)
+    new_size = old_size + size[..., None]
+    entry = (old_size * book.entry + size[..., None] * prices[:, None, None]) * (1.0 / new_size)
+    new_margin = old_margin + margin[..., None]
+    lev = new_size * entry * (1.0 / jnp.where(new_margin > 0, new_margin, 1.0))
     book = Book(
-        size=put(book.size, size),
-        entry=put(book.entry, entry),
-        margin=put(book.margin, margin),
-        leverage=put(book.leverage, lev),
+        size=jnp.where(write, new_size, book.size),
+        entry=jnp.where(write, entry, book.entry),
+        margin=jnp.where(write, new_margin, book.margin),
+        leverage=jnp.where(write, lev, book.leverage),
         opened_at=jnp.where(write, t, book.opened_at),
         is_open=book.is_open | write,
     )
-    return book, jnp.sum(write).astype(prices.dtype)
+    return book, jnp.sum(write).astype(prices.dtype), jnp.sum(merging).astype(prices.dtype)

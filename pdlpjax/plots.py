@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from ._io import save_figure  # noqa: E402
 
-__all__ = ["fan_chart", "histogram"]
+__all__ = ["fan_chart", "histogram", "utilisation_chart"]
 
 
 def fan_chart(
@@ -50,5 +50,30 @@ def histogram(path: str | Path, x: np.ndarray, title: str, xlabel: str) -> None:
     ax.set_ylabel("pools")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def utilisation_chart(
+    path: str | Path,
+    times: np.ndarray,
+    utilisation: np.ndarray,
+    open_interest: np.ndarray,
+    title: str,
+) -> None:
+    """Median and 5–95% band over pools of utilisation and open interest (pools, k)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for ax, x, label in [
+        (axes[0], utilisation, "utilisation (lent / pᵀR)"),
+        (axes[1], open_interest, "open interest / pᵀR"),
+    ]:
+        q = np.nanquantile(x, [0.05, 0.5, 0.95], axis=0)
+        ax.fill_between(times, q[0], q[2], alpha=0.25, color="C2", label="5–95%")
+        ax.plot(times, q[1], color="C2", lw=1.5, label="median")
+        ax.set_xlabel("days")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+    fig.suptitle(title)
     save_figure(path, fig)
     plt.close(fig)

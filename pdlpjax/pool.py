@@ -68,7 +68,7 @@ class Accounts(eqx.Module):
     funding_paid: Float[Array, ""]
     liquidations: Float[Array, ""]
     exits: Float[Array, ""]
-    evictions: Float[Array, ""]
+    merged: Float[Array, ""]  # new trades merged into a full ring's newest cohort
     opened: Float[Array, ""]
     rejected: Float[Array, ""]
     utilisation_sum: Float[Array, ""]

@@ -8,6 +8,7 @@ plots. Every file is written atomically.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import platform
 import sys
@@ -44,6 +45,22 @@ def versions() -> dict[str, str]:
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
     }
+
+
+def data_fingerprint(cfg: Config) -> str | None:
+    """SHA-256 (16 hex digits) of the CSV files behind `paths.data`, or None without data.
+
+    The config hash names the data by its path; this names it by its content.
+    """
+    if not cfg.paths.data:
+        return None
+    src = Path(cfg.paths.data)
+    files = sorted(src.glob("*.csv")) if src.is_dir() else [src]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def prepare_out_dir(cfg: Config, out_dir: str | Path | None = None) -> Path:
@@ -129,8 +146,8 @@ def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
     from .build import make_model, make_params, make_spec
     from .simulate import simulate
 
-    out = prepare_out_dir(cfg, out_dir)
     model = make_model(cfg)  # reads and checks bootstrap data before anything compiles
+    out = prepare_out_dir(cfg, out_dir)
     params, spec = make_params(cfg), make_spec(cfg)
     wall0 = time.perf_counter()
     progress = None if quiet or not cfg.simulation.progress else _progress(cfg.name)
@@ -158,6 +175,7 @@ def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
         "years": cfg.simulation.num_steps / cfg.simulation.steps_per_year,
         "seed": cfg.simulation.seed,
         "config_hash": config_hash(cfg),
+        "data_sha256": data_fingerprint(cfg),
         "wall_seconds": wall,
         "compile_seconds": res.compile_seconds,
         "run_seconds": res.run_seconds,
@@ -212,6 +230,19 @@ def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
             f"{cfg.name}: LP Sharpe per pool ({num_pools} pools)",
             "annualised Sharpe ratio",
         )
+        if res.record is not None and cfg.pool.mode == "pdlp":
+            days = (
+                np.arange(1, res.record.share_price.shape[1] + 1)
+                * cfg.output.record_every
+                * (365.0 / cfg.simulation.steps_per_year)
+            )
+            plots.utilisation_chart(
+                out / "utilisation.png",
+                days,
+                res.record.utilisation,
+                res.record.open_interest / _record_aum(res.record),
+                f"{cfg.name}: utilisation and open interest",
+            )
         if res.record is not None:
             sp = res.record.share_price
             days = (
@@ -235,6 +266,11 @@ def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
             file=sys.stderr,
         )
     return out
+
+
+def _record_aum(record) -> np.ndarray:
+    """pᵀR at each record, shape (pools, k): the denominator of utilisation too."""
+    return np.sum(record.prices * record.reserves, axis=-1)
 
 
 def _fmt(x: float) -> str:

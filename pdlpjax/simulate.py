@@ -183,9 +183,10 @@ def step(
     3. Funding at γ_L = κ (L/S − p_{t+1}/p_t) (eq. 2), between longs and shorts.
     4. Lending fee f on borrowed value, from margins to the pool.
     5. LP updates: exogenous deposits and withdrawals at the share price.
-    6. Trades: random exits (and evictions from full cohort rings) settle against the pool;
-       new demand and the funding-rate arbitrageur (eq. 3, 4) open positions that pass the
-       collateral condition (eq. 1) and the solvency requirement.
+    6. Trades: random exits settle against the pool; new demand and the funding-rate
+       arbitrageur (eq. 3, 4) open positions that pass the collateral condition (eq. 1) and
+       the solvency requirement (a full cohort ring merges the new trade into its newest
+       cohort).
     In `passive` mode only step 1 runs, with reserves optionally reset to the target weights.
     The accounting identity is checked every step (`Accounts.identity_error`).
     """
@@ -206,7 +207,7 @@ def step(
     zero = jnp.zeros((), p_new.dtype)
     fees = bad_debt = flow = zero
     liq_margin = liq_count = funding = exit_received = exit_paid = zero
-    n_exits = n_evict = n_open = n_rejected = zero
+    n_exits = n_merged = n_open = n_rejected = zero
 
     if spec.mode == "passive":
         if spec.rebalance:
@@ -232,13 +233,12 @@ def step(
         pool, flow = lp_flow(pool, value, _available(pool, book, r), pp, noise.z_flow, spec.dt)
         # 6. Trades: exits first (they free capacity), then new positions.
         leaving = book.is_open & (noise.u_exit * mp.mean_holding < 1.0)
-        slot, evict = next_slots(eqx.tree_at(lambda b: b.is_open, book, book.is_open & ~leaving))
-        ex = settle(book, leaving | evict, pr)
+        ex = settle(book, leaving, pr)
         book = ex.book
         pool = PoolState(p_new, pool.reserves + ex.reserve_change, pool.supply)
         bad_debt = bad_debt + ex.bad_debt
         exit_received, exit_paid = ex.received, ex.paid
-        n_exits, n_evict = ex.count, jnp.sum(evict).astype(p_new.dtype)
+        n_exits = ex.count
         sd = params.paths.vols * jnp.sqrt(spec.dt)
         z_ret = log_ret / jnp.where(sd > 0, sd, 1.0)
         notional, lev = trader_demand(
@@ -261,7 +261,8 @@ def step(
             mp.max_leverage,
             pp.max_utilisation,
         )
-        book, n_open = open_cohorts(book, slot, ok.size, ok.margin, pr, state.t)
+        slot, merge = next_slots(book)
+        book, n_open, n_merged = open_cohorts(book, slot, merge, ok.size, ok.margin, pr, state.t)
         n_rejected = ok.rejected
 
     aum_after = aum(pool, book, r)
@@ -280,7 +281,7 @@ def step(
         funding_paid=acc.funding_paid + funding,
         liquidations=acc.liquidations + liq_count,
         exits=acc.exits + n_exits,
-        evictions=acc.evictions + n_evict,
+        merged=acc.merged + n_merged,
         opened=acc.opened + n_open,
         rejected=acc.rejected + n_rejected,
         utilisation_sum=acc.utilisation_sum + _utilisation(pool, book, r),

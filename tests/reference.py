@@ -14,14 +14,14 @@ follows the docstrings of `pdlpjax.simulate.step` and of the market/pool functio
 4. Lending fee: min(f · borrowed, c) per cohort (long: δ p, short: δ p0), to the numéraire.
 5. LP flow: φ = drift dt + vol √dt z of AUM; deposits at target weights, withdrawals from the
    available reserves R^A (capped at 99% of their value); shares at the share price.
-6. Exits (u < 1/mean_holding) and evictions (a full ring closes its oldest cohort) settle;
-   then trader demand and the funding arbitrageur's requests are checked (collateral
-   condition, solvency) in order and written as one new cohort per market and side.
+6. Exits (u < 1/mean_holding) settle; then trader demand and the funding arbitrageur's
+   requests are checked (collateral condition, solvency) in order and written as one new
+   cohort per market and side, merged into the ring's newest cohort when the ring is full.
 
 The reference consumes the same injected draws as the JAX step (a `StepNoise` whose leaves
 were converted to NumPy) and keeps the same state, so the two compare field by field. Besides
 the engine's accounting totals it counts events the engine does not break down (rejections by
-reason, random exits apart from evictions, funding payments, arbitrage trades).
+reason, funding payments, arbitrage trades).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ ACCOUNT_FIELDS = (
     "funding_paid",
     "liquidations",
     "exits",
-    "evictions",
+    "merged",
     "opened",
     "rejected",
     "utilisation_sum",
@@ -63,9 +63,8 @@ EVENT_FIELDS = (
     "bad_debt_events",
     "funding_payments",  # (market, step) pairs where a nonzero amount of funding changed hands
     "fee_payments",
-    "random_exits",  # exits by the geometric holding time (not counting evictions)
-    "evictions",
-    "evictions_unused",  # a full ring evicted its oldest cohort but opened nothing this step
+    "random_exits",  # exits by the geometric holding time
+    "merged",  # new trades merged into a full ring's newest cohort
     "rejected_collateral",
     "rejected_solvency",
     "arb_requests",
@@ -438,7 +437,7 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     liq = _Settled()
     ex = _Settled()
     funding_total = 0.0
-    n_evict = n_open = n_rejected = 0
+    n_merged = n_open = n_rejected = 0
 
     if spec.mode == "passive":
         if spec.rebalance:
@@ -507,8 +506,7 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
         st.events["lp_deposits"] += int(deposit > 0)
         st.events["lp_withdrawals"] += int(withdraw > 0)
 
-        # 6a. Random exits, then a full ring evicts its oldest cohort to make room.
-        slots, evicted_rings = {}, set()
+        # 6a. Random exits.
         for i in range(r):
             for s in (LONG, SHORT):
                 ring = st.book[i][s]
@@ -517,23 +515,10 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
                     for k in range(K)
                     if ring[k].is_open and noise.u_exit[i, s, k] < 1.0 / prm.mean_holding
                 ]
-                staying = [k for k in range(K) if ring[k].is_open and k not in leaving]
-                free = [k for k in range(K) if k not in staying]
-                if free:
-                    slots[i, s] = free[0]
-                    evicted = None
-                else:
-                    oldest = min(range(K), key=lambda k: (ring[k].opened_at, k))  # noqa: B023
-                    slots[i, s] = evicted = oldest
                 for k in leaving:
                     close_cohort(st, i, s, ring[k], p_new[i], ex, r)
                 st.events["random_exits"] += len(leaving)
-                if evicted is not None:
-                    close_cohort(st, i, s, ring[evicted], p_new[i], ex, r)
-                    n_evict += 1
-                    evicted_rings.add((i, s))
         bad_debt += ex.bad_debt
-        st.events["evictions"] += n_evict
         st.events["bad_debt_events"] += int(ex.bad_debt > 0)
 
         # 6b. New demand (fee elasticity, momentum, noise traders).
@@ -611,22 +596,32 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
                     if kind == "arb":
                         st.events["arb_opened"] += 1
 
-        # 6e. One new cohort per market and side.
+        # 6e. One new cohort per market and side: the first free slot, else merged into the
+        # ring's newest cohort (size-weighted entry price, margins added).
         for i in range(r):
             for s in (LONG, SHORT):
-                if (i, s) in evicted_rings and not new_size[i, s] > 0:
-                    st.events["evictions_unused"] += 1
-                if new_size[i, s] > 0:
-                    size, margin = new_size[i, s], new_margin[i, s]
-                    st.book[i][s][slots[i, s]] = Cohort(
-                        size=size,
-                        entry=p_new[i],
-                        margin=margin,
-                        leverage=size * p_new[i] / margin,
-                        opened_at=st.t,
-                        is_open=True,
-                    )
-                    n_open += 1
+                if not new_size[i, s] > 0:
+                    continue
+                ring = st.book[i][s]
+                size, margin = new_size[i, s], new_margin[i, s]
+                free = [k for k in range(K) if not ring[k].is_open]
+                if free:
+                    slot, entry = free[0], p_new[i]
+                else:
+                    slot = max(range(K), key=lambda k: (ring[k].opened_at, -k))  # noqa: B023
+                    old = ring[slot]
+                    entry = (old.size * old.entry + size * p_new[i]) / (old.size + size)
+                    size, margin = old.size + size, old.margin + margin
+                    n_merged += 1
+                ring[slot] = Cohort(
+                    size=size,
+                    entry=entry,
+                    margin=margin,
+                    leverage=size * entry / margin,
+                    opened_at=st.t,
+                    is_open=True,
+                )
+                n_open += 1
         st.events["opened"] += n_open
 
     # Accounting identity and running totals.
@@ -644,8 +639,9 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     acc["exit_paid"] += ex.paid
     acc["funding_paid"] += funding_total
     acc["liquidations"] += liq.count
-    acc["exits"] += ex.count  # the engine counts evictions among exits as well
-    acc["evictions"] += n_evict
+    acc["exits"] += ex.count
+    acc["merged"] += n_merged
+    st.events["merged"] += n_merged
     acc["opened"] += n_open
     acc["rejected"] += n_rejected
     long_tokens, short_value = lent(st.book, r)

@@ -81,21 +81,6 @@ def _assert_one_line_error(rc: int, err: str, expected: str) -> None:
 
 # --------------------------------------------------------------------------- bad configs
 
-XFAIL_GARCH_GRIDS = pytest.mark.xfail(
-    strict=True,
-    reason="_check_cross zips two equal-length grids instead of taking their Cartesian "
-    "product, so garch_alpha=0.5 with garch_beta=0.9 (a real combination) is accepted",
-)
-XFAIL_NEWLINE_KEY = pytest.mark.xfail(
-    strict=True,
-    reason="unknown-key message interpolates the key with plain f-string (not repr), "
-    "so a TOML key holding an escaped newline splits the message over two lines",
-)
-XFAIL_NEWLINE_DATA = pytest.mark.xfail(
-    strict=True,
-    reason="paths.data missing-path message interpolates the path unescaped; "
-    "a newline in the path splits the message over two lines",
-)
 
 # (TOML text or None for quickstart, --set overrides, expected substring of the message)
 BAD_CONFIGS = [
@@ -276,7 +261,6 @@ BAD_CONFIGS = [
         ),
         "paths.garch_alpha: expected garch_alpha + garch_beta < 1",
         id="garch-two-grids",
-        marks=XFAIL_GARCH_GRIDS,
     ),
     pytest.param(None, ("paths.model=heston",), "paths.model", id="unknown-model"),
     pytest.param(None, ("paths.model=bootstrap",), "paths.data", id="bootstrap-without-data"),
@@ -288,7 +272,6 @@ BAD_CONFIGS = [
         ("paths.data=no\nwhere",),
         "paths.data",
         id="data-missing-newline",
-        marks=XFAIL_NEWLINE_DATA,
     ),
     pytest.param(
         None,
@@ -317,7 +300,6 @@ BAD_CONFIGS = [
         (),
         "unknown key",
         id="key-with-newline",
-        marks=XFAIL_NEWLINE_KEY,
     ),
     pytest.param(None, ("simulation.num_pools",), "--set", id="set-without-equals"),
     pytest.param(None, ("num_pools=8",), "--set", id="set-without-section"),
@@ -384,11 +366,6 @@ def test_cli_usage_errors_one_line(capsys, argv):
     _assert_one_line_error(rc, err, "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='length message reads "one per assets asset" for pool.target_weights '
-    "(Spec.length is interpolated as an adjective)",
-)
 def test_weights_length_message_reads_well():
     with pytest.raises(pdlpjax.ConfigError) as info:
         pdlpjax.load_config(QUICKSTART, ["pool.target_weights=[0.5,0.5]"])
@@ -447,7 +424,7 @@ BAD_CSVS = [
     ),
     pytest.param(
         _csv_text([(t, c) if i != 5 else (t, "abc") for i, (t, c) in enumerate(_daily())]),
-        "close column holds non-numbers",
+        "expected a number as close, got 'abc' at line 7",
         id="text-close",
     ),
     pytest.param(_csv_text(_daily()[:3] + _daily()[2:]), "duplicate time", id="duplicate-time"),
@@ -458,23 +435,13 @@ BAD_CSVS = [
     ),
     pytest.param(
         _csv_text([(t, c) if i != 5 else (t, "nan") for i, (t, c) in enumerate(_daily())]),
-        "got nan at row 7",
+        "got nan at line 7",
         id="nan-close-message",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="data._series shows the bad close with !r, which NumPy 2 renders as "
-            "'np.float64(nan)' instead of 'nan'",
-        ),
     ),
     pytest.param(
         _csv_text([(t, c) if i != 5 else ("", c) for i, (t, c) in enumerate(_daily())]),
-        "does not parse",
+        "empty time at line 7",
         id="empty-time",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="an empty time cell parses as NaT and is reported as "
-            "'times are not sorted (at NaT)', which points at the wrong problem",
-        ),
     ),
     pytest.param(
         _csv_text(
@@ -483,14 +450,8 @@ BAD_CSVS = [
                 for i, (_, c) in enumerate(_daily())
             ]
         ),
-        "does not parse",
+        "'nan' at line 7 is not a time",
         id="nan-epoch-time",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="a 'nan' epoch time is cast to int64 (RuntimeWarning 'invalid value "
-            "encountered in cast' escapes to stderr, an exception under -W error), then "
-            "reported as 'times are not sorted (at NaT)'",
-        ),
     ),
 ]
 

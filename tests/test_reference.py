@@ -20,7 +20,7 @@ T = 300  # steps of the busy run
 # A small, busy pool: high leverage and jumps (liquidations, bad debt), κ large enough for
 # funding to move margins and to pay the arbitrageur, a low utilisation cap (solvency
 # rejections), leverage draws that cross max_leverage (collateral rejections), short holding
-# times (random exits) and K = 4 cohorts (evictions), and LP flows both ways.
+# times (random exits) and K = 4 cohorts (full rings merge), and LP flows both ways.
 BUSY = {
     "name": "busy",
     "market": {
@@ -185,7 +185,7 @@ def test_busy_run_exercises_every_event(busy):
         "funding_payments",
         "fee_payments",
         "random_exits",
-        "evictions",
+        "merged",
         "rejected_collateral",
         "rejected_solvency",
         "arb_opened",
@@ -195,9 +195,8 @@ def test_busy_run_exercises_every_event(busy):
         assert ev[name] > 0, name
     acc = at(busy["states"], T - 1).accounts
     assert float(acc.liquidations) == ev["liquidations"]
-    assert float(acc.evictions) == ev["evictions"]
-    # The engine's `exits` counts random exits and evictions together.
-    assert float(acc.exits) == ev["random_exits"] + ev["evictions"]
+    assert float(acc.merged) == ev["merged"]
+    assert float(acc.exits) == ev["random_exits"]
     assert float(acc.rejected) == ev["rejected_collateral"] + ev["rejected_solvency"]
     assert float(acc.opened) == ev["opened"]
     assert float(acc.funding_paid) > 0 and float(acc.bad_debt) > 0
