@@ -1,7 +1,8 @@
 """Command line: `pdlpjax run CONFIG [--set section.key=value ...] [--out DIR]`.
 
 Errors in the config or its data print one line (`error: ...`) and exit with status 2,
-before anything is compiled.
+before anything is compiled; a run that breaks the accounting identity exits with status 3
+(its results folder is kept for diagnosis).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config
+from .results import SimulationError
 
 __all__ = ["main"]
 
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except SimulationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

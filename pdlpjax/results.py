@@ -23,7 +23,11 @@ from . import _io
 from .config import SECTIONS, Config, ConfigError, config_hash, config_to_dict, resolve_dynamic
 from .metrics import mean_ci
 
-__all__ = ["run_config", "prepare_out_dir", "versions"]
+__all__ = ["run_config", "prepare_out_dir", "versions", "SimulationError"]
+
+
+class SimulationError(RuntimeError):
+    """A run finished but broke an invariant (e.g. the accounting identity); one line."""
 
 
 def versions() -> dict[str, str]:
@@ -192,6 +196,18 @@ def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
             }
             for g, combo in enumerate(combos)
         ]
+    identity = None
+    if "identity_error" in res.metrics:
+        err = res.metrics["identity_error"]
+        worst = int(np.argmax(err))
+        step = int(np.asarray(res.state.accounts.identity_error_step)[worst])
+        identity = {
+            "max": float(err[worst]),
+            "pool": worst,
+            "step": step,
+            "tolerance": cfg.simulation.identity_tolerance,
+        }
+        summary["identity"] = identity
     _io.write_json(out / "summary.json", summary)
     _io.write_text(out / "config.toml", tomli_w.dumps(config_to_dict(cfg)))
 
@@ -257,6 +273,12 @@ def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
                 sp,
                 f"{cfg.name}: LP share price quantiles over {num_pools} pools",
             )
+    if identity is not None and not identity["max"] <= identity["tolerance"]:
+        raise SimulationError(
+            f"accounting identity violated: relative error {identity['max']:.3g} > "
+            f"simulation.identity_tolerance = {identity['tolerance']:g} at pool "
+            f"{identity['pool']}, step {identity['step']} (results kept in {out})"
+        )
     if not quiet:
         m = summary["metrics"]["sharpe"]
         print(
