@@ -1,9 +1,11 @@
 """The simulation: one pure, unbatched step; `lax.scan` over time in chunks; `vmap` over pools.
 
 Randomness: pool i's key is `fold_in(root, i)` (with antithetic pairs, `fold_in(root, i // 2)`
-and odd pools mirror their draws); step t's noise is `model.noise(fold_in(pool_key, t))`. So a
-pool's path depends only on (seed, pool index, t): not on how many pools run with it nor on
-the chunk length. `rollout_from_noise` takes injected draws instead.
+and odd pools mirror their price draws); step t's draws are `draw_noise(model, spec, pool_key,
+t)`, a pure function of `fold_in(pool_key, t)`. So a pool's path depends only on (seed, pool
+index, t): not on how many pools run with it nor on the chunk length, and the results are
+bitwise the same either way (see `_numerics.fixed_sum` and `_chunk` for what that takes).
+`rollout_from_noise` takes injected draws instead.
 
 Compiled chunk programs are cached by the shapes, dtypes and static fields of their inputs,
 so a new value of any dynamic param never recompiles (`trace_count()` tells, for tests).
@@ -339,24 +341,6 @@ def _record(state: SimState, spec: SimSpec) -> Record:
     )
 
 
-def _scan(f: Callable, init: Any, length: int) -> tuple[Any, Any]:
-    """`lax.scan(f, init, None, length)`, but a one-trip loop stays a loop.
-
-    XLA inlines a loop of one trip and may then fuse the step with its surroundings, which
-    changes float rounding by an ulp; with two trips (the second discarded) one step rounds
-    exactly as it does inside a longer chunk, so results do not depend on the chunk length.
-    """
-    if length != 1:
-        return lax.scan(f, init, None, length=length)
-
-    def guarded(carry: Any, i: Int[Array, ""]) -> tuple[Any, Any]:
-        new, y = f(carry, None)
-        return jtu.tree_map(lambda a, b: jnp.where(i == 0, a, b), new, carry), y
-
-    final, ys = lax.scan(guarded, init, jnp.arange(2))
-    return final, jtu.tree_map(lambda y: y[:1], ys)
-
-
 def rollout(
     state: SimState,
     params: Params,
@@ -376,14 +360,14 @@ def rollout(
         return step(s, params, model, spec, _draw(model, spec, key, flip, s.t)), None
 
     if not spec.record_every:
-        state, _ = _scan(one, state, num_steps)
+        state, _ = lax.scan(one, state, None, length=num_steps)
         return state, None
 
     def block(s: SimState, _: None) -> tuple[SimState, Record]:
-        s, _ = _scan(one, s, spec.record_every)
+        s, _ = lax.scan(one, s, None, length=spec.record_every)
         return s, _record(s, spec)
 
-    return _scan(block, state, num_steps // spec.record_every)
+    return lax.scan(block, state, None, length=num_steps // spec.record_every)
 
 
 def rollout_from_noise(
