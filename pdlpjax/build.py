@@ -81,4 +81,6 @@ def make_spec(cfg: Config) -> SimSpec:
         num_worst=num_worst_for(cfg.simulation.num_steps),
         record_every=cfg.output.record_every,
         antithetic=cfg.paths.antithetic,
+        identity_tolerance=float(cfg.simulation.identity_tolerance),
+        mask_invalid=cfg.simulation.on_invalid == "mask",
     )

@@ -1,17 +1,19 @@
 """Command line: `pdlpjax run CONFIG [--set section.key=value ...] [--out DIR]`.
 
+`pdlpjax run --resume DIR` continues an interrupted run from DIR's checkpoint.
 Errors in the config or its data print one line (`error: ...`) and exit with status 2,
-before anything is compiled; a run that breaks the accounting identity exits with status 3
-(its results folder is kept for diagnosis).
+before anything is compiled; a run in which a pool breaks a numerical guard exits with status 3
+(with a diagnostic snapshot of that pool in the results folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
-from .results import SimulationError
+from .results import Interrupted, SimulationError, run_config
 
 __all__ = ["main"]
 
@@ -26,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pdlpjax", description="Monte Carlo engine for PDLPs")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="simulate a config and write a results folder")
-    run.add_argument("config", help="TOML config, e.g. configs/quickstart.toml")
+    run.add_argument("config", nargs="?", help="TOML config, e.g. configs/quickstart.toml")
     run.add_argument(
         "--set",
         dest="overrides",
@@ -37,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", default=None, help="results folder (default runs/<name>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress or summary line")
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue an interrupted run from its results folder's checkpoint",
+    )
     return p
 
 
@@ -44,18 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pdlpjax` command; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "run":
-            from .results import run_config
-
+        if args.resume is not None:
+            if args.config or args.overrides or args.out:
+                raise ConfigError(
+                    "--resume DIR: takes no config, --set or --out (the folder holds its config)"
+                )
+            cfg = load_config(Path(args.resume) / "config.toml")
+            out = run_config(cfg, args.resume, quiet=args.quiet, resume=True)
+        else:
+            if args.config is None:
+                raise ConfigError("run: expected a config file (or --resume DIR)")
+            cfg = load_config(args.config, args.overrides)
             out = run_config(cfg, args.out, quiet=args.quiet)
-            print(out)
+        print(out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except SimulationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except Interrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -250,8 +250,18 @@ class SimulationConfig:
     seed: int = _f(0, type=int, lo=0, doc="root PRNG seed")
     dtype: str = _f("float32", type=str, choices=("float32", "float64"), doc="float precision")
     progress: bool = _f(True, type=bool, doc="print progress between chunks")
+    devices: int = _f(
+        1, type=int, lo=0, doc="shard the pools over N devices (0: all visible devices)"
+    )
     identity_tolerance: float = _f(
         1.0e-4, lo=0.0, doc="largest relative accounting-identity violation allowed"
+    )
+    on_invalid: str = _f(
+        "stop",
+        type=str,
+        choices=("stop", "mask"),
+        doc="a pool breaking a guard (NaN, negative reserve, over-lent, identity) stops the "
+        "run, or is frozen, counted and left out of the metrics",
     )
 
 
@@ -267,6 +277,9 @@ class OutputConfig:
         doc="record share price, prices, reserves every N steps (0: none; the fan chart needs it)",
     )
     plots: bool = _f(True, type=bool, doc="write PNG plots")
+    checkpoint_every: int = _f(
+        1, type=int, lo=0, doc="write a resumable checkpoint every N chunks (0: never)"
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -626,6 +639,10 @@ def _check_cross(cfg: Config) -> None:
             f"{lev_max:g}, got {arb_lev:g}"
         )
     p = cfg.paths
+    if s.devices > 1 and s.num_pools % s.devices:
+        raise ConfigError(
+            f"simulation.devices: expected a divisor of num_pools = {s.num_pools}, got {s.devices}"
+        )
     if p.antithetic and s.num_pools % 2:
         raise ConfigError(
             f"simulation.num_pools: antithetic pairs need an even number, got {s.num_pools}"

@@ -25,6 +25,8 @@ __all__ = [
     "with_numeraire",
     "lp_flow",
     "account_metrics",
+    "GUARDS",
+    "guard_names",
 ]
 
 
@@ -76,12 +78,30 @@ class Accounts(eqx.Module):
     value_sum: Float[Array, ""]
     identity_error: Float[Array, ""]
     identity_error_step: Float[Array, ""]
+    invalid_step: Float[Array, ""]  # first step that broke a guard (−1: none)
+    invalid_code: Float[Array, ""]  # what broke then: sum of `GUARDS` codes
+
+
+# Numerical guards checked every step: code → what broke.
+GUARDS = {
+    1: "a non-finite value (NaN or inf) in prices, reserves, supply, margins or AUM",
+    2: "a negative reserve",
+    4: "lent above the available reserves",
+    8: "the accounting identity beyond simulation.identity_tolerance",
+}
+
+
+def guard_names(code: float) -> str:
+    """The guards a code names, joined by "; "."""
+    return "; ".join(v for k, v in GUARDS.items() if int(code) & k)
 
 
 def init_accounts(dtype) -> Accounts:
-    """All totals zero."""
+    """All totals zero; no guard broken."""
     zero = jnp.zeros((), dtype)
-    return Accounts(*([zero] * len(Accounts.__dataclass_fields__)))
+    fields = {f: zero for f in Accounts.__dataclass_fields__}
+    fields["invalid_step"] = jnp.full((), -1.0, dtype)
+    return Accounts(**fields)
 
 
 def with_numeraire(risky: Float[Array, " r"], has_numeraire: bool) -> Float[Array, " n"]:

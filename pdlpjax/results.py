@@ -22,8 +22,9 @@ import tomli_w
 from . import _io
 from .config import SECTIONS, Config, ConfigError, config_hash, config_to_dict, resolve_dynamic
 from .metrics import mean_ci
+from .pool import guard_names
 
-__all__ = ["run_config", "prepare_out_dir", "versions", "SimulationError"]
+__all__ = ["run_config", "prepare_out_dir", "versions", "SimulationError", "Interrupted"]
 
 
 class SimulationError(RuntimeError):
@@ -142,28 +143,141 @@ def _param_columns(cfg: Config, values: dict) -> tuple[list[str], list[np.ndarra
     return names, cols
 
 
-def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = False) -> Path:
-    """Simulate `cfg` and write its results folder; return the folder's path."""
+CHECKPOINT = "checkpoint.npz"
+
+
+def _save_checkpoint(out: Path, cfg: Config, done: int, state, records: list) -> None:
+    """Atomically write the batched state after `done` steps and the records so far."""
+    arrays = {f"state_{i:03d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
+    if records:
+        joined = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *records)
+        for name in joined.__dataclass_fields__:
+            arrays[f"record_{name}"] = getattr(joined, name)
+    arrays["done"] = np.asarray(done)
+    arrays["config_hash"] = np.asarray(config_hash(cfg))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    _io.write_bytes(out / CHECKPOINT, buf.getvalue())
+
+
+def _load_checkpoint(out: Path, cfg: Config) -> tuple[int, list, list]:
+    """(done, state leaves, records) from `out/checkpoint.npz`; checks it is this config's."""
+    from .simulate import Record
+
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"--resume {out}: no {CHECKPOINT} (nothing to resume)")
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume {out}: unreadable {CHECKPOINT} ({err})") from None
+    if str(data["config_hash"]) != config_hash(cfg):
+        raise ConfigError(f"--resume {out}: {CHECKPOINT} belongs to another config")
+    leaves = [data[k] for k in sorted(k for k in data if k.startswith("state_"))]
+    records = []
+    if "record_share_price" in data:
+        records = [Record(**{n: data[f"record_{n}"] for n in Record.__dataclass_fields__})]
+    return int(data["done"]), leaves, records
+
+
+def _write_diagnostic(out: Path, err) -> Path:
+    """The state of the pool that broke a guard, at the end of its chunk, as JSON."""
+    pool = jax.tree.map(lambda x: np.asarray(x)[err.pool].tolist(), err.state)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(pool)}
+    path = out / f"diagnostic_pool{err.pool}.json"
+    _io.write_json(
+        path,
+        {
+            "pool": err.pool,
+            "step": err.step,
+            "code": err.code,
+            "what": guard_names(err.code),
+            "state_at_chunk_end": flat,
+        },
+    )
+    return path
+
+
+def _num_devices(cfg: Config) -> int:
+    """`simulation.devices` resolved: 0 means every visible device that divides the pools."""
+    n = cfg.simulation.devices
+    available = len(jax.devices())
+    if n == 0:
+        n = max(d for d in range(1, available + 1) if cfg.simulation.num_pools % d == 0)
+    if n > available:
+        raise ConfigError(f"simulation.devices: {n} requested, {available} visible")
+    return n
+
+
+class Interrupted(Exception):
+    """The run was interrupted (Ctrl-C); a checkpoint was written to resume from."""
+
+
+def run_config(
+    cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = False, resume: bool = False
+) -> Path:
+    """Simulate `cfg` and write its results folder; return the folder's path.
+
+    The resolved config is written first and a checkpoint every `output.checkpoint_every`
+    chunks (and on Ctrl-C, from the last finished chunk); `resume=True` continues the run in
+    `out_dir` from its checkpoint, with a result bitwise equal to an uninterrupted run's.
+    A pool that breaks a guard stops the run with `SimulationError` (after writing
+    `diagnostic_pool<i>.json`), unless `simulation.on_invalid = "mask"`.
+    """
     # Imported here so float64 can be switched on before any array exists.
     if cfg.simulation.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     from .build import make_model, make_params, make_spec
-    from .simulate import simulate
+    from .simulate import InvalidPoolError, simulate
 
     model = make_model(cfg)  # reads and checks bootstrap data before anything compiles
     out = prepare_out_dir(cfg, out_dir)
+    saved = _load_checkpoint(out, cfg) if resume else None
+    if not resume:
+        _io.write_text(out / "config.toml", tomli_w.dumps(config_to_dict(cfg)))
+        (out / CHECKPOINT).unlink(missing_ok=True)
     params, spec = make_params(cfg), make_spec(cfg)
     wall0 = time.perf_counter()
     progress = None if quiet or not cfg.simulation.progress else _progress(cfg.name)
-    res = simulate(
-        params,
-        model,
-        spec,
-        seed=cfg.simulation.seed,
-        num_steps=cfg.simulation.num_steps,
-        chunk_length=cfg.simulation.chunk_length,
-        progress=progress,
-    )
+    latest: dict = {}
+    every = cfg.output.checkpoint_every
+    chunks = {"n": 0}
+
+    def on_chunk(done: int, state, records: list) -> None:
+        latest.update(done=done, state=state, records=list(records))
+        chunks["n"] += 1
+        if every and chunks["n"] % every == 0 and done < cfg.simulation.num_steps:
+            _save_checkpoint(out, cfg, done, state, records)
+            latest["saved"] = done
+
+    try:
+        res = simulate(
+            params,
+            model,
+            spec,
+            seed=cfg.simulation.seed,
+            num_steps=cfg.simulation.num_steps,
+            chunk_length=cfg.simulation.chunk_length,
+            progress=progress,
+            on_chunk=on_chunk,
+            resume=saved,
+            num_devices=_num_devices(cfg),
+        )
+    except KeyboardInterrupt:
+        if latest and latest.get("saved") != latest["done"]:
+            _save_checkpoint(out, cfg, latest["done"], latest["state"], latest["records"])
+        done = latest.get("done", saved[0] if saved else 0)
+        raise Interrupted(
+            f"interrupted after step {done} of {cfg.simulation.num_steps}; continue with: "
+            f"pdlpjax run --resume {out}"
+        ) from None
+    except InvalidPoolError as err:
+        path = _write_diagnostic(out, err)
+        raise SimulationError(
+            f"pool {err.pool}, step {err.step}: {guard_names(err.code)} (snapshot in {path}; "
+            f'set simulation.on_invalid = "mask" to continue without such pools)'
+        ) from None
     wall = time.perf_counter() - wall0
 
     values, combos = resolve_dynamic(cfg)
@@ -185,6 +299,7 @@ def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
         "run_seconds": res.run_seconds,
         "pool_steps_per_second": num_pools * cfg.simulation.num_steps / max(res.run_seconds, 1e-9),
         "versions": versions(),
+        "devices": _num_devices(cfg),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "metrics": {k: mean_ci(v) for k, v in res.metrics.items()},
     }
@@ -208,8 +323,10 @@ def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
             "tolerance": cfg.simulation.identity_tolerance,
         }
         summary["identity"] = identity
+    summary["masked_pools"] = {"count": int(res.masked.size), "first": res.masked[:20].tolist()}
+    if resume:
+        summary["resumed_from_step"] = saved[0]
     _io.write_json(out / "summary.json", summary)
-    _io.write_text(out / "config.toml", tomli_w.dumps(config_to_dict(cfg)))
 
     names, cols = _param_columns(cfg, values)
     header = ["pool", "group", *names, *metric_names]
@@ -273,12 +390,7 @@ def run_config(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
                 sp,
                 f"{cfg.name}: LP share price quantiles over {num_pools} pools",
             )
-    if identity is not None and not identity["max"] <= identity["tolerance"]:
-        raise SimulationError(
-            f"accounting identity violated: relative error {identity['max']:.3g} > "
-            f"simulation.identity_tolerance = {identity['tolerance']:g} at pool "
-            f"{identity['pool']}, step {identity['step']} (results kept in {out})"
-        )
+    (out / CHECKPOINT).unlink(missing_ok=True)
     if not quiet:
         m = summary["metrics"]["sharpe"]
         print(

@@ -54,6 +54,7 @@ from .pool import (
     PoolParams,
     PoolState,
     account_metrics,
+    guard_names,
     init_accounts,
     init_pool,
     lp_flow,
@@ -67,6 +68,7 @@ __all__ = [
     "StepNoise",
     "Record",
     "SimResult",
+    "InvalidPoolError",
     "init_state",
     "step",
     "draw_noise",
@@ -100,6 +102,8 @@ class SimSpec(eqx.Module):
     rebalance: bool = eqx.field(static=True, default=False)
     record_every: int = eqx.field(static=True, default=0)
     antithetic: bool = eqx.field(static=True, default=False)
+    identity_tolerance: float = eqx.field(static=True, default=1e-4)
+    mask_invalid: bool = eqx.field(static=True, default=False)  # freeze pools that broke a guard
 
     @property
     def dt(self) -> float:
@@ -270,6 +274,8 @@ def step(
     aum_after = aum(pool, book, r)
     terms = inventory + book_move + fees - bad_debt + flow
     violation = jnp.abs(aum_after - aum_before - terms) / jnp.maximum(jnp.abs(aum_before), 1e-30)
+    code = _guard_code(pool, book, r, aum_after, violation, spec)
+    first_invalid = (acc.invalid_step < 0) & (code > 0)
     worse = violation > acc.identity_error
     acc = Accounts(
         inventory_pnl=acc.inventory_pnl + inventory,
@@ -293,9 +299,42 @@ def step(
         identity_error_step=jnp.where(
             worse, state.t.astype(violation.dtype), acc.identity_error_step
         ),
+        invalid_step=jnp.where(first_invalid, state.t.astype(code.dtype), acc.invalid_step),
+        invalid_code=jnp.where(first_invalid, code, acc.invalid_code),
     )
     stats = update_stats(state.stats, aum_after / pool.supply)
-    return SimState(t=state.t + 1, pool=pool, book=book, accounts=acc, path=path_state, stats=stats)
+    new = SimState(t=state.t + 1, pool=pool, book=book, accounts=acc, path=path_state, stats=stats)
+    if spec.mask_invalid:  # a pool that broke a guard earlier stays frozen where it broke
+        frozen = state.accounts.invalid_step >= 0
+        new = jtu.tree_map(lambda a, b: jnp.where(frozen, a, b), state, new)
+    return new
+
+
+def _guard_code(
+    pool: PoolState,
+    book: Book,
+    r: int,
+    value: Float[Array, ""],
+    violation: Float[Array, ""],
+    spec: SimSpec,
+) -> Float[Array, ""]:
+    """Sum of the `pool.GUARDS` codes this step breaks (0: none).
+
+    Negative amounts are judged against 1e-6 of the pool's value, so rounding is not flagged.
+    """
+    finite = (
+        jnp.isfinite(value)
+        & jnp.all(jnp.isfinite(pool.prices))
+        & jnp.all(jnp.isfinite(pool.reserves))
+        & jnp.isfinite(pool.supply)
+        & jnp.all(jnp.isfinite(jnp.where(book.is_open, book.margin, 0.0)))
+    )
+    slack = -1e-6 * jnp.abs(pool_value(pool.prices, pool.reserves))
+    negative = jnp.any(pool.reserves * pool.prices < slack)
+    over_lent = jnp.any(_available(pool, book, r) * pool.prices < slack)
+    identity = violation > spec.identity_tolerance
+    flags = [~finite, negative, over_lent, identity]
+    return sum(f.astype(value.dtype) * c for f, c in zip(flags, (1, 2, 4, 8), strict=True))
 
 
 def draw_noise(
@@ -405,7 +444,18 @@ def trace_count() -> int:
     return _TRACES["count"]
 
 
-def _chunk(state, params, model, keys, flips, num_blocks, *, spec: SimSpec, max_blocks: int):
+def _chunk(
+    state,
+    params,
+    model,
+    keys,
+    flips,
+    num_blocks,
+    *,
+    spec: SimSpec,
+    max_blocks: int,
+    num_devices: int = 1,
+):
     """Run every pool `num_blocks` blocks (a traced count); a block is `record_every` steps
     followed by a record, or one step without records.
 
@@ -432,7 +482,27 @@ def _chunk(state, params, model, keys, flips, num_blocks, *, spec: SimSpec, max_
         rec0 = jtu.tree_map(lambda x: jnp.zeros((max_blocks, *x.shape), x.dtype), _record(s, spec))
         return lax.fori_loop(0, num_blocks, block, (s, rec0))
 
-    return jax.vmap(one_pool)(state, params, keys, flips)
+    def batch(state, params, model, keys, flips, num_blocks):
+        return jax.vmap(one_pool)(state, params, keys, flips)
+
+    if num_devices == 1:
+        return batch(state, params, model, keys, flips, num_blocks)
+    # shard_map: each device runs the one-device program on its share of the pools, with no
+    # collective. Results agree with one device to rounding (1e-16 relative in float64), not
+    # bitwise: the multi-device compile rounds a few fused operations differently.
+    pools = jax.sharding.PartitionSpec("pools")
+    rep = jax.sharding.PartitionSpec()
+    return jax.shard_map(
+        batch,
+        mesh=_mesh(num_devices),
+        in_specs=(pools, pools, rep, pools, pools, rep),
+        out_specs=pools,
+        check_vma=False,  # the record buffer starts as replicated zeros, then varies
+    )(state, params, model, keys, flips, num_blocks)
+
+
+def _mesh(num_devices: int) -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ("pools",))
 
 
 def _init_batched(params, model, *, spec: SimSpec):
@@ -444,7 +514,15 @@ _COMPILED: dict = {}
 
 def _signature(args) -> tuple:
     leaves, treedef = jtu.tree_flatten(args)
-    return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
+    return treedef, tuple(
+        (np.shape(x), jnp.result_type(x), str(getattr(x, "sharding", None))) for x in leaves
+    )
+
+
+def _shard_pools(tree: Any, num_devices: int) -> Any:
+    """Place every leaf's leading (pool) axis across the first `num_devices` devices."""
+    spec = jax.sharding.NamedSharding(_mesh(num_devices), jax.sharding.PartitionSpec("pools"))
+    return jax.device_put(tree, spec)
 
 
 def _compiled(fn: Callable, args: tuple, **static: Any) -> tuple[Callable, float]:
@@ -459,9 +537,22 @@ def _compiled(fn: Callable, args: tuple, **static: Any) -> tuple[Callable, float
     return exe, time.perf_counter() - t0
 
 
+class InvalidPoolError(RuntimeError):
+    """A pool broke a numerical guard (see `pool.GUARDS`); raised between chunks.
+
+    Carries `pool` (index), `step`, `code`, and `state`: the batched state at the end of the
+    chunk in which it happened (for a diagnostic snapshot).
+    """
+
+    def __init__(self, pool: int, step: int, code: float, state: SimState) -> None:
+        self.pool, self.step, self.code, self.state = pool, step, code, state
+        super().__init__(f"pool {pool} broke a guard at step {step}: {guard_names(code)}")
+
+
 @dataclass
 class SimResult:
-    """What `simulate` returns: final batched state, per-pool metrics, record, timings."""
+    """What `simulate` returns: final batched state, per-pool metrics (NaN for masked pools),
+    record, timings, and the indices of pools masked after breaking a guard."""
 
     state: SimState
     metrics: dict[str, np.ndarray]
@@ -469,6 +560,7 @@ class SimResult:
     compile_seconds: float
     run_seconds: float
     chunk_seconds: list[float] = field(default_factory=list)
+    masked: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
 
 
 def simulate(
@@ -480,27 +572,49 @@ def simulate(
     num_steps: int,
     chunk_length: int = 0,
     progress: Callable[[int, int, float, float], None] | None = None,
+    on_chunk: Callable[[int, SimState, list], None] | None = None,
+    resume: tuple[int, SimState, list] | None = None,
+    num_devices: int = 1,
 ) -> SimResult:
     """Simulate every pool of `params` (leaves with a leading pool axis) for `num_steps`.
 
-    The horizon runs in chunks of `chunk_length` steps (0: one chunk); `progress(done, total,
-    run_seconds, compile_seconds)` is called after each. Compilation is timed apart from running.
+    The horizon runs in chunks of `chunk_length` steps (0: one chunk). After each chunk the
+    numerical guards are checked: a pool that broke one raises `InvalidPoolError`, unless
+    `spec.mask_invalid` (then it stays frozen, is counted in `SimResult.masked` and its
+    metrics are NaN). Then `progress(done, total, run_seconds, compile_seconds)` and
+    `on_chunk(done, state, records)` are called (the latter to checkpoint). `resume =
+    (done, state, records)` continues from such a checkpoint; the result is bitwise the same
+    as an uninterrupted run. `num_devices` > 1 shards the pool axis over that many devices
+    (`jax.shard_map`; results agree with one device to rounding). Compilation is timed apart
+    from running.
     """
     num_pools = jtu.tree_leaves(params)[0].shape[0]
     keys, flips = pool_keys(seed, num_pools, spec.antithetic)
+    if num_devices > 1:
+        if num_devices > len(jax.devices()) or num_pools % num_devices:
+            raise ValueError(
+                f"cannot shard {num_pools} pools over {num_devices} of "
+                f"{len(jax.devices())} devices (pools must divide evenly)"
+            )
+        params, keys, flips = _shard_pools((params, keys, flips), num_devices)
     chunk_length = chunk_length or num_steps
     init_fn, compile_s = _compiled(_init_batched, (params, model), spec=spec)
     state = init_fn(params, model)
     records, chunk_seconds = [], []
     t_run = 0.0
     done = 0
+    if resume is not None:
+        done, saved, records = resume
+        state = _restore(state, saved)
+        if num_devices > 1:
+            state = _shard_pools(state, num_devices)
     unit = spec.record_every or 1
     max_blocks = chunk_length // unit
     while done < num_steps:
         length = min(chunk_length, num_steps - done)
         blocks = jnp.asarray(length // unit, jnp.int32)
         args = (state, params, model, keys, flips, blocks)
-        fn, c = _compiled(_chunk, args, spec=spec, max_blocks=max_blocks)
+        fn, c = _compiled(_chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices)
         compile_s += c
         t0 = time.perf_counter()
         state, rec = fn(*args)
@@ -511,15 +625,43 @@ def simulate(
         if rec is not None:
             records.append(jtu.tree_map(lambda x, n=length // unit: np.asarray(x[:, :n]), rec))
         done += length
+        invalid = np.asarray(state.accounts.invalid_step)
+        if not spec.mask_invalid and np.any(invalid >= 0):
+            bad = np.flatnonzero(invalid >= 0)
+            first = int(bad[np.argmin(invalid[bad])])
+            code = float(np.asarray(state.accounts.invalid_code)[first])
+            raise InvalidPoolError(first, int(invalid[first]), code, state)
         if progress is not None:
             progress(done, num_steps, t_run, compile_s)
+        if on_chunk is not None:
+            on_chunk(done, state, records)
     metrics = finalize_stats(state.stats, spec.steps_per_year)
     if spec.mode == "pdlp":
         metrics |= account_metrics(
             state.accounts, params.pool.initial_value, num_steps, spec.steps_per_year
         )
-    metrics = {k: np.asarray(v) for k, v in metrics.items()}
+    masked = np.flatnonzero(np.asarray(state.accounts.invalid_step) >= 0)
+    metrics = {
+        k: np.where(np.asarray(state.accounts.invalid_step) >= 0, np.nan, np.asarray(v))
+        for k, v in metrics.items()
+    }
     record = None
     if records:
         record = jtu.tree_map(lambda *xs: np.concatenate(xs, axis=1), *records)
-    return SimResult(state, metrics, record, compile_s, t_run, chunk_seconds)
+    return SimResult(state, metrics, record, compile_s, t_run, chunk_seconds, masked)
+
+
+def _restore(template: SimState, saved: SimState | list) -> SimState:
+    """`saved` (a state or its list of leaves) checked against the shapes and dtypes of
+    `template`, as device arrays."""
+    leaves, treedef = jtu.tree_flatten(template)
+    new = saved if isinstance(saved, list) else jtu.tree_leaves(saved)
+    if len(new) != len(leaves):
+        raise ValueError(f"checkpoint has {len(new)} arrays, the run needs {len(leaves)}")
+    for a, b in zip(leaves, new, strict=True):
+        if np.shape(a) != np.shape(b) or jnp.result_type(a) != np.asarray(b).dtype:
+            raise ValueError(
+                f"checkpoint array {np.shape(b)} {np.asarray(b).dtype} does not match the run's "
+                f"{np.shape(a)} {jnp.result_type(a)}"
+            )
+    return jtu.tree_unflatten(treedef, [jnp.asarray(x) for x in new])

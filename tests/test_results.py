@@ -22,7 +22,7 @@ SMALL = [
 ]
 
 
-def test_identity_violation_exits_3_and_keeps_results(tmp_path, capsys):
+def test_identity_violation_exits_3_with_a_diagnostic(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [
         "run",
@@ -35,10 +35,11 @@ def test_identity_violation_exits_3_and_keeps_results(tmp_path, capsys):
     rc = cli.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 3
-    assert len(err) == 1 and err[0].startswith("error: accounting identity violated")
-    assert "pool" in err[0] and "step" in err[0]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["identity"]["max"] > 1e-12
+    assert len(err) == 1 and err[0].startswith("error: pool ")
+    assert "step 0" in err[0] and "accounting identity" in err[0]
+    diag = json.loads(next(out.glob("diagnostic_pool*.json")).read_text())
+    assert diag["step"] == 0 and int(diag["code"]) & 8
+    assert not (out / "summary.json").exists()
 
 
 def test_pdlp_run_reports_pool_figures(tmp_path):
