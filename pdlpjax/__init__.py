@@ -5,9 +5,35 @@ The public API is what this module exports; submodules are documented but may ch
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .arbitrage import (
+    ArbResult,
+    Claim34,
+    ClaimCheck,
+    claim_3_1_bound,
+    claim_3_2_bound,
+    claim_3_3_bound,
+    claim_3_4,
+    create_arbitrage,
+    redeem_arbitrage,
+    swap_arbitrage_oracle,
+    swap_arbitrage_uniswap,
+)
 from .build import make_model, make_params, make_spec
 from .config import Config, ConfigError, config_hash, load_config, resolve_dynamic
 from .data import Closes, DataError, load_closes, log_returns
+from .discount import (
+    burn_fee_bps,
+    discount_subgradient,
+    glp_discount,
+    glp_discount_axiomatic,
+    glp_discount_smooth,
+    gmx_discount,
+    gmx_fee_bps,
+    gmx_fee_bps_smooth,
+    mint_fee_bps,
+    quadratic_surrogate,
+    swap_fee_bps,
+)
 from .market import Book, MarketParams
 from .metrics import ReturnStats, finalize_stats, init_stats, mean_ci, update_stats
 from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams
@@ -37,6 +63,28 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
 __all__ = [
+    "ArbResult",
+    "Claim34",
+    "ClaimCheck",
+    "claim_3_1_bound",
+    "claim_3_2_bound",
+    "claim_3_3_bound",
+    "claim_3_4",
+    "create_arbitrage",
+    "redeem_arbitrage",
+    "swap_arbitrage_oracle",
+    "swap_arbitrage_uniswap",
+    "burn_fee_bps",
+    "discount_subgradient",
+    "glp_discount",
+    "glp_discount_axiomatic",
+    "glp_discount_smooth",
+    "gmx_discount",
+    "gmx_fee_bps",
+    "gmx_fee_bps_smooth",
+    "mint_fee_bps",
+    "quadratic_surrogate",
+    "swap_fee_bps",
     "Accounts",
     "Book",
     "StepNoise",
