@@ -127,8 +127,10 @@ def create_arbitrage(
     num_steps: int = 100,
     step_size: float | Float[Array, ""] | None = None,
     g: Float[Array, " n"] | None = None,
+    upper: Float[Array, " n"] | None = None,
 ) -> ArbResult:
-    """Share creation, eq. 7: maximise S(δ) = F(δ)·pᵀδ subject to δ ≥ −R^A.
+    """Share creation, eq. 7: maximise S(δ) = F(δ)·pᵀδ subject to δ ≥ −R^A (and δ ≤ `upper`,
+    the arbitrageur's capital, when given: with eq. 11 as printed S grows without bound).
 
     **Arguments:** `F` maps δ (shape `(n,)`) to the discount (a closure over p, w*, R);
     `prices` p and `available` R^A, shape `(n,)`; `mu` the strong-concavity modulus μ of F;
@@ -150,7 +152,8 @@ def create_arbitrage(
         g = jax.grad(F)(jnp.zeros_like(prices))
 
     def project(d):
-        return jnp.maximum(d, -available)
+        d = jnp.maximum(d, -available)
+        return d if upper is None else jnp.minimum(d, upper)
 
     def objective(d):
         return F(d) * _dot(prices, d)

@@ -83,4 +83,7 @@ def make_spec(cfg: Config) -> SimSpec:
         antithetic=cfg.paths.antithetic,
         identity_tolerance=float(cfg.simulation.identity_tolerance),
         mask_invalid=cfg.simulation.on_invalid == "mask",
+        discount=cfg.pool.discount,
+        twm_steps=cfg.pool.twm_steps,
+        swap_arbitrage=cfg.pool.swap_arbitrage,
     )

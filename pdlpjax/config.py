@@ -236,6 +236,27 @@ class PoolConfig:
     lp_flow_drift: Any = _dyn(
         0.0, lo=-100.0, hi=100.0, doc="net LP deposits, fraction of AUM per year"
     )
+    discount: str = _f(
+        "none",
+        type=str,
+        choices=("none", "glp", "glp_axiomatic", "glp_smooth", "gmx"),
+        doc="discount function F of the target-weight arbitrage (none: no TWM arbitrage)",
+    )
+    discount_base: Any = _dyn(0.0025, lo=0.0, hi=1.0, doc="γ_b of eq. 11 (GMX: mint/burn fee)")
+    discount_tax: Any = _dyn(0.005, lo=0.0, hi=1.0, doc="γ_t of eq. 11 (GMX: tax)")
+    discount_temperature: Any = _dyn(
+        1.0e-3, lo=0.0, lo_open=True, doc="temperature of glp_smooth (weight units)"
+    )
+    twm_mu: Any = _dyn(
+        0.5, lo=0.0, lo_open=True, doc="surrogate modulus μ (δ_H = g/μ), in value fractions of AUM"
+    )
+    twm_capital: Any = _dyn(0.1, lo=0.0, doc="TWM arbitrageur's capital per asset, fraction of AUM")
+    twm_cost: Any = _dyn(1.0e-6, lo=0.0, doc="TWM arbitrage acts when profit > this × AUM")
+    twm_steps: int = _f(10, type=int, lo=1, hi=1000, doc="projected gradient steps of the solvers")
+    swap_arbitrage: bool = _f(
+        False, type=bool, doc="stale-oracle swap arbitrage against GMX swap fees (§2.3.2)"
+    )
+    swap_fee: Any = _dyn(0.003, lo=0.0, hi=1.0, doc="GMX base swap fee (fraction)")
     lp_flow_vol: Any = _dyn(0.0, lo=0.0, hi=100.0, doc="sd of LP flows, fraction of AUM per √year")
 
 

@@ -39,6 +39,13 @@ class PoolParams(eqx.Module):
     max_utilisation: Float[Array, ""]  # lent ≤ this fraction of each reserve
     lp_flow_drift: Float[Array, ""]  # net LP deposits, fraction of AUM per year
     lp_flow_vol: Float[Array, ""]  # sd of LP flows, fraction of AUM per √year
+    discount_base: Float[Array, ""]  # γ_b of eq. 11 (GMX: mint/burn fee)
+    discount_tax: Float[Array, ""]  # γ_t of eq. 11 (GMX: tax)
+    discount_temperature: Float[Array, ""]  # of the smooth discount
+    twm_mu: Float[Array, ""]  # surrogate modulus μ, in value fractions of AUM
+    twm_capital: Float[Array, ""]  # arbitrageur's capital per asset, fraction of AUM
+    twm_cost: Float[Array, ""]  # arbitrageurs act when profit > this fraction of AUM
+    swap_fee: Float[Array, ""]  # GMX base swap fee (fraction)
 
 
 class PoolState(eqx.Module):
@@ -54,9 +61,10 @@ class Accounts(eqx.Module):
 
     The identity terms: `inventory_pnl` ((p_{t+1} − p_t)ᵀR), `book_pnl` (minus the change of
     unrealised trader PnL from the price move), `fees`, `bad_debt` (subtracted), `lp_flows`
-    (deposits − withdrawals). The rest is detail: margin taken at liquidations and exits,
-    profits paid to traders, funding paid between traders, event counts, time sums for
-    averages, and the largest relative identity violation with its step.
+    (deposits − withdrawals), `twm_flows` and `swap_pnl`. The rest is detail: margin taken at
+    liquidations and exits, profits paid to traders, funding paid between traders, event
+    counts, time sums for averages, and the largest relative identity violation with its
+    step.
     """
 
     inventory_pnl: Float[Array, ""]
@@ -64,6 +72,12 @@ class Accounts(eqx.Module):
     fees: Float[Array, ""]
     bad_debt: Float[Array, ""]
     lp_flows: Float[Array, ""]
+    twm_flows: Float[Array, ""]  # assets in − out through creation/redemption arbitrage
+    swap_pnl: Float[Array, ""]  # pool's loss to stale-oracle swap arbitrage (≤ 0)
+    dilution: Float[Array, ""]  # value existing LPs gave TWM arbitrageurs (≥ 0 when F ≥ 0)
+    creations: Float[Array, ""]
+    redemptions: Float[Array, ""]
+    swaps: Float[Array, ""]
     liquidated_margin: Float[Array, ""]
     exit_received: Float[Array, ""]
     exit_paid: Float[Array, ""]
@@ -170,7 +184,8 @@ def account_metrics(
     **Returns:** `utilisation` and `open_interest` (time averages; open interest as a fraction
     of average AUM), `fee_income` (numéraire), `fee_apr` (fees / average AUM per year),
     `liquidations`, `bad_debt` (fraction of initial value), `funding_paid` (numéraire),
-    `rejected` and `opened` trades, and `identity_error` (largest relative violation).
+    `rejected` and `opened` trades, `dilution` and `swap_loss` (fractions of initial value
+    given to TWM and swap arbitrageurs), `creations`, `redemptions`, and `identity_error`.
     """
     avg_value = acc.value_sum / num_steps
     years = num_steps / steps_per_year
@@ -185,5 +200,9 @@ def account_metrics(
         "funding_paid": acc.funding_paid,
         "opened": acc.opened,
         "rejected": acc.rejected,
+        "dilution": acc.dilution / initial_value,
+        "swap_loss": -acc.swap_pnl / initial_value,
+        "creations": acc.creations,
+        "redemptions": acc.redemptions,
         "identity_error": acc.identity_error,
     }

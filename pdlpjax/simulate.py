@@ -60,6 +60,7 @@ from .pool import (
     lp_flow,
     pool_value,
 )
+from .twm import swap_arbitrage, twm_arbitrage
 
 __all__ = [
     "Params",
@@ -103,6 +104,9 @@ class SimSpec(eqx.Module):
     record_every: int = eqx.field(static=True, default=0)
     antithetic: bool = eqx.field(static=True, default=False)
     identity_tolerance: float = eqx.field(static=True, default=1e-4)
+    discount: str = eqx.field(static=True, default="none")  # TWM discount function
+    twm_steps: int = eqx.field(static=True, default=10)
+    swap_arbitrage: bool = eqx.field(static=True, default=False)
     mask_invalid: bool = eqx.field(static=True, default=False)  # freeze pools that broke a guard
 
     @property
@@ -188,7 +192,9 @@ def step(
        and absorbs any loss beyond it as bad debt.
     3. Funding at γ_L = κ (L/S − p_{t+1}/p_t) (eq. 2), between longs and shorts.
     4. Lending fee f on borrowed value, from margins to the pool.
-    5. LP updates: exogenous deposits and withdrawals at the share price.
+    5. LP updates: target-weight arbitrage (creation eq. 7 or redemption eq. 10 priced by the
+       discount F, `twm.py`), exogenous deposits and withdrawals at the share price, and
+       stale-oracle swap arbitrage (§2.3.2).
     6. Trades: random exits settle against the pool; new demand and the funding-rate
        arbitrageur (eq. 3, 4) open positions that pass the collateral condition (eq. 1) and
        the solvency requirement (a full cohort ring merges the new trade into its newest
@@ -214,6 +220,7 @@ def step(
     fees = bad_debt = flow = zero
     liq_margin = liq_count = funding = exit_received = exit_paid = zero
     n_exits = n_merged = n_open = n_rejected = zero
+    twm_flow = dilution = swap_pnl = n_create = n_redeem = n_swaps = zero
 
     if spec.mode == "passive":
         if spec.rebalance:
@@ -233,10 +240,27 @@ def step(
         # 4. Lending fees.
         book, fees = charge_fees(book, pr, pp.fee)
         reserves = reserves.at[r].add(fees)
-        # 5. LP updates. (Target-weight arbitrage plugs in here.)
+        # 5. LP updates: target-weight arbitrage (eq. 7, 10), exogenous flows, swap arbitrage.
         pool = PoolState(p_new, reserves, pool.supply)
+        if spec.discount != "none":
+            twm = twm_arbitrage(
+                spec.discount,
+                pool,
+                aum(pool, book, r),
+                _available(pool, book, r),
+                pp,
+                spec.twm_steps,
+            )
+            pool = PoolState(
+                p_new, pool.reserves + twm.reserve_change, pool.supply + twm.supply_change
+            )
+            twm_flow, dilution = twm.flow, twm.profit
+            n_create, n_redeem = twm.created, twm.redeemed
         value = aum(pool, book, r)
         pool, flow = lp_flow(pool, value, _available(pool, book, r), pp, noise.z_flow, spec.dt)
+        if spec.swap_arbitrage:
+            change, swap_pnl, n_swaps = swap_arbitrage(pool, p_old, _available(pool, book, r), pp)
+            pool = PoolState(p_new, pool.reserves + change, pool.supply)
         # 6. Trades: exits first (they free capacity), then new positions.
         leaving = book.is_open & (noise.u_exit * mp.mean_holding < 1.0)
         ex = settle(book, leaving, pr)
@@ -272,7 +296,7 @@ def step(
         n_rejected = ok.rejected
 
     aum_after = aum(pool, book, r)
-    terms = inventory + book_move + fees - bad_debt + flow
+    terms = inventory + book_move + fees - bad_debt + flow + twm_flow + swap_pnl
     violation = jnp.abs(aum_after - aum_before - terms) / jnp.maximum(jnp.abs(aum_before), 1e-30)
     code = _guard_code(pool, book, r, aum_after, violation, spec)
     first_invalid = (acc.invalid_step < 0) & (code > 0)
@@ -283,6 +307,12 @@ def step(
         fees=acc.fees + fees,
         bad_debt=acc.bad_debt + bad_debt,
         lp_flows=acc.lp_flows + flow,
+        twm_flows=acc.twm_flows + twm_flow,
+        swap_pnl=acc.swap_pnl + swap_pnl,
+        dilution=acc.dilution + dilution,
+        creations=acc.creations + n_create,
+        redemptions=acc.redemptions + n_redeem,
+        swaps=acc.swaps + n_swaps,
         liquidated_margin=acc.liquidated_margin + liq_margin,
         exit_received=acc.exit_received + exit_received,
         exit_paid=acc.exit_paid + exit_paid,
