@@ -311,18 +311,15 @@ def run_config(
             }
             for g, combo in enumerate(combos)
         ]
-    identity = None
-    if "identity_error" in res.metrics:
-        err = res.metrics["identity_error"]
-        worst = int(np.argmax(err))
-        step = int(np.asarray(res.state.accounts.identity_error_step)[worst])
-        identity = {
+    err = res.metrics.get("identity_error")
+    if err is not None and np.any(np.isfinite(err)):  # masked pools are NaN
+        worst = int(np.nanargmax(err))
+        summary["identity"] = {
             "max": float(err[worst]),
             "pool": worst,
-            "step": step,
+            "step": int(np.asarray(res.state.accounts.identity_error_step)[worst]),
             "tolerance": cfg.simulation.identity_tolerance,
         }
-        summary["identity"] = identity
     summary["masked_pools"] = {"count": int(res.masked.size), "first": res.masked[:20].tolist()}
     if resume:
         summary["resumed_from_step"] = saved[0]
