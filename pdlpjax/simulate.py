@@ -670,11 +670,9 @@ def simulate(
         metrics |= account_metrics(
             state.accounts, params.pool.initial_value, num_steps, spec.steps_per_year
         )
-    masked = np.flatnonzero(np.asarray(state.accounts.invalid_step) >= 0)
-    metrics = {
-        k: np.where(np.asarray(state.accounts.invalid_step) >= 0, np.nan, np.asarray(v))
-        for k, v in metrics.items()
-    }
+    invalid = np.asarray(state.accounts.invalid_step) >= 0  # one transfer, not one per metric
+    masked = np.flatnonzero(invalid)
+    metrics = {k: np.where(invalid, np.nan, np.asarray(v)) for k, v in metrics.items()}
     record = None
     if records:
         record = jtu.tree_map(lambda *xs: np.concatenate(xs, axis=1), *records)
