@@ -7,6 +7,7 @@ import numpy as np
 
 from .config import Config, ConfigError, resolve_dynamic
 from .data import DataError, infer_steps_per_year, load_closes, log_returns
+from .hedge import HedgeParams
 from .market import MarketParams
 from .metrics import num_worst_for
 from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams
@@ -28,6 +29,7 @@ def make_params(cfg: Config) -> Params:
         market=section(MarketParams, "market"),
         paths=section(PathParams, "paths"),
         pool=section(PoolParams, "pool"),
+        hedge=section(HedgeParams, "hedge"),
     )
 
 
@@ -86,4 +88,8 @@ def make_spec(cfg: Config) -> SimSpec:
         discount=cfg.pool.discount,
         twm_steps=cfg.pool.twm_steps,
         swap_arbitrage=cfg.pool.swap_arbitrage,
+        hedge=cfg.hedge.enabled,
+        hedge_every=cfg.hedge.every,
+        hedge_estimator=cfg.hedge.covariance,
+        hedge_window=cfg.hedge.window,
     )

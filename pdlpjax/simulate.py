@@ -28,6 +28,17 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._numerics import fixed_sum
+from .hedge import (
+    HedgeInputs,
+    HedgeParams,
+    HedgeState,
+    enter_hedge,
+    hedge_metrics,
+    hedge_step,
+    init_hedge,
+    model_covariance,
+    pool_delta,
+)
 from .market import (
     Book,
     MarketParams,
@@ -89,6 +100,7 @@ class Params(eqx.Module):
     market: MarketParams
     paths: PathParams
     pool: PoolParams
+    hedge: HedgeParams
 
 
 class SimSpec(eqx.Module):
@@ -108,6 +120,10 @@ class SimSpec(eqx.Module):
     twm_steps: int = eqx.field(static=True, default=10)
     swap_arbitrage: bool = eqx.field(static=True, default=False)
     mask_invalid: bool = eqx.field(static=True, default=False)  # freeze pools that broke a guard
+    hedge: bool = eqx.field(static=True, default=False)  # simulate the delta-hedged LP (§4)
+    hedge_every: int = eqx.field(static=True, default=24)  # rebalance period, steps
+    hedge_estimator: str = eqx.field(static=True, default="window")  # `hedge.COVARIANCE_ESTIMATORS`
+    hedge_window: int = eqx.field(static=True, default=168)  # returns kept for the estimators
 
     @property
     def dt(self) -> float:
@@ -123,6 +139,7 @@ class SimState(eqx.Module):
     accounts: Accounts
     path: Any  # the path model's own state
     stats: ReturnStats
+    hedge: HedgeState | None = None  # the delta-hedged LP (None when `spec.hedge` is off)
 
 
 class StepNoise(eqx.Module):
@@ -172,18 +189,47 @@ def init_state(params: Params, model: AbstractPathModel, spec: SimSpec) -> SimSt
     pool = init_pool(params.market.initial_prices, params.pool, spec.has_numeraire)
     dtype = pool.prices.dtype
     book = empty_book(spec.num_risky, spec.num_cohorts, dtype)
+    share_price = pool_value(pool.prices, pool.reserves) / pool.supply
+    hedge = None
+    if spec.hedge:
+        hedge = init_hedge(
+            pool.supply,
+            spec.num_risky,
+            spec.hedge_window,
+            init_stats(share_price, spec.num_worst),
+            dtype,
+        )
+        if spec.hedge_estimator == "model":
+            r = spec.num_risky
+            hedge = enter_hedge(
+                hedge,
+                params.hedge,
+                pool.prices[:r],
+                pool_delta(pool.prices, pool.reserves, book, r),
+                reserved(book)[0],
+                pool.supply,
+                params.pool.fee,
+                model_covariance(params.paths.vols, params.paths.correlation, spec.dt),
+                spec.hedge_every,
+            )
     return SimState(
         t=jnp.asarray(0, jnp.int32),
         pool=pool,
         book=book,
         accounts=init_accounts(dtype),
         path=model.init(params.paths),
-        stats=init_stats(pool_value(pool.prices, pool.reserves) / pool.supply, spec.num_worst),
+        stats=init_stats(share_price, spec.num_worst),
+        hedge=hedge,
     )
 
 
 def step(
-    state: SimState, params: Params, model: AbstractPathModel, spec: SimSpec, noise: StepNoise
+    state: SimState,
+    params: Params,
+    model: AbstractPathModel,
+    spec: SimSpec,
+    noise: StepNoise,
+    clock: Int[Array, ""] | None = None,
 ) -> SimState:
     """Advance one pool by one step with the given draws, in the paper's order (§2.2, App. A).
 
@@ -200,7 +246,10 @@ def step(
        the solvency requirement (a full cohort ring merges the new trade into its newest
        cohort).
     In `passive` mode only step 1 runs, with reserves optionally reset to the target weights.
-    The accounting identity is checked every step (`Accounts.identity_error`).
+    The accounting identity is checked every step (`Accounts.identity_error`). With
+    `spec.hedge`, the hedged LP then updates (`hedge.hedge_step`). `clock` is this step's
+    index as a value shared by all pools (defaults to `state.t`): `simulate` passes its loop
+    counter so that under vmap the hedge's rebalancing branch stays a branch.
     """
     r = spec.num_risky
     pool, book, acc = state.pool, state.book, state.accounts
@@ -221,6 +270,7 @@ def step(
     liq_margin = liq_count = funding = exit_received = exit_paid = zero
     n_exits = n_merged = n_open = n_rejected = zero
     twm_flow = dilution = swap_pnl = n_create = n_redeem = n_swaps = zero
+    gamma = jnp.zeros((r,), p_new.dtype)  # funding rate (none in passive mode)
 
     if spec.mode == "passive":
         if spec.rebalance:
@@ -333,7 +383,37 @@ def step(
         invalid_code=jnp.where(first_invalid, code, acc.invalid_code),
     )
     stats = update_stats(state.stats, aum_after / pool.supply)
-    new = SimState(t=state.t + 1, pool=pool, book=book, accounts=acc, path=path_state, stats=stats)
+    hedge = state.hedge
+    if spec.hedge:
+        hedge = hedge_step(
+            hedge,
+            params.hedge,
+            HedgeInputs(
+                p_old=p_old[:r],
+                p_new=p_new[:r],
+                log_return=log_ret,
+                funding_rate=gamma,
+                delta=pool_delta(pool.prices, pool.reserves, book, r),
+                lent=reserved(book)[0],
+                share_price_old=state.stats.value,
+                share_price_new=stats.value,
+                supply=pool.supply,
+                fee=params.pool.fee,
+                model_cov=model_covariance(params.paths.vols, params.paths.correlation, spec.dt),
+            ),
+            state.t if clock is None else clock,
+            every=spec.hedge_every,
+            estimator=spec.hedge_estimator,
+        )
+    new = SimState(
+        t=state.t + 1,
+        pool=pool,
+        book=book,
+        accounts=acc,
+        path=path_state,
+        stats=stats,
+        hedge=hedge,
+    )
     if spec.mask_invalid:  # a pool that broke a guard earlier stays frozen where it broke
         frozen = state.accounts.invalid_step >= 0
         new = jtu.tree_map(lambda a, b: jnp.where(frozen, a, b), state, new)
@@ -454,9 +534,13 @@ def rollout_from_noise(
     return lax.scan(one, state, noise)
 
 
-def pool_keys(seed: int, num_pools: int, antithetic: bool = False):
-    """Per-pool keys `fold_in(key(seed), i)` and the antithetic flags, shapes `(num_pools,)`."""
-    idx = np.arange(num_pools)
+def pool_keys(seed: int, num_pools: int, antithetic: bool = False, index=None):
+    """Per-pool keys `fold_in(key(seed), i)` and the antithetic flags, shapes `(num_pools,)`.
+
+    `index` (num_pools,) gives each pool's draw index i instead of its position: pools with
+    the same index see the same draws (common random numbers across a sweep's combinations).
+    """
+    idx = np.arange(num_pools) if index is None else np.asarray(index)
     base = idx // 2 if antithetic else idx
     root = jr.key(seed)
     keys = jax.vmap(lambda i: jr.fold_in(root, i))(jnp.asarray(base, jnp.uint32))
@@ -481,13 +565,15 @@ def _chunk(
     keys,
     flips,
     num_blocks,
+    start,
     *,
     spec: SimSpec,
     max_blocks: int,
     num_devices: int = 1,
 ):
-    """Run every pool `num_blocks` blocks (a traced count); a block is `record_every` steps
-    followed by a record, or one step without records.
+    """Run every pool `num_blocks` blocks (a traced count) from step `start` (a traced scalar
+    shared by all pools); a block is `record_every` steps followed by a record, or one step
+    without records.
 
     The trip count is dynamic on purpose: the compiled loop body is then the same whatever
     the chunk length, so results do not depend on it (a static one-trip loop is inlined and
@@ -497,26 +583,31 @@ def _chunk(
     _TRACES["count"] += 1
 
     def one_pool(s, p, k, f):
-        def one(_, s):
-            return step(s, p, model, spec, _draw(model, spec, k, f, s.t))
+        def one(i, s):  # i: steps done, a counter shared by all pools (not vmapped)
+            return step(s, p, model, spec, _draw(model, spec, k, f, s.t), start + i)
 
         if not spec.record_every:
             return lax.fori_loop(0, num_blocks, one, s), None
 
         def block(i, carry):
             s, rec = carry
-            s = lax.fori_loop(0, spec.record_every, one, s)
+            s = lax.fori_loop(
+                0,
+                spec.record_every,
+                lambda j, s: one(i * spec.record_every + j, s),
+                s,
+            )
             rec = jtu.tree_map(lambda b, x: b.at[i].set(x), rec, _record(s, spec))
             return s, rec
 
         rec0 = jtu.tree_map(lambda x: jnp.zeros((max_blocks, *x.shape), x.dtype), _record(s, spec))
         return lax.fori_loop(0, num_blocks, block, (s, rec0))
 
-    def batch(state, params, model, keys, flips, num_blocks):
+    def batch(state, params, model, keys, flips, num_blocks, start):
         return jax.vmap(one_pool)(state, params, keys, flips)
 
     if num_devices == 1:
-        return batch(state, params, model, keys, flips, num_blocks)
+        return batch(state, params, model, keys, flips, num_blocks, start)
     # shard_map: each device runs the one-device program on its share of the pools, with no
     # collective. Results agree with one device to rounding (1e-16 relative in float64), not
     # bitwise: the multi-device compile rounds a few fused operations differently.
@@ -525,10 +616,10 @@ def _chunk(
     return jax.shard_map(
         batch,
         mesh=_mesh(num_devices),
-        in_specs=(pools, pools, rep, pools, pools, rep),
+        in_specs=(pools, pools, rep, pools, pools, rep, rep),
         out_specs=pools,
         check_vma=False,  # the record buffer starts as replicated zeros, then varies
-    )(state, params, model, keys, flips, num_blocks)
+    )(state, params, model, keys, flips, num_blocks, start)
 
 
 def _mesh(num_devices: int) -> jax.sharding.Mesh:
@@ -605,6 +696,7 @@ def simulate(
     on_chunk: Callable[[int, SimState, list], None] | None = None,
     resume: tuple[int, SimState, list] | None = None,
     num_devices: int = 1,
+    key_index: np.ndarray | None = None,
 ) -> SimResult:
     """Simulate every pool of `params` (leaves with a leading pool axis) for `num_steps`.
 
@@ -615,11 +707,12 @@ def simulate(
     `on_chunk(done, state, records)` are called (the latter to checkpoint). `resume =
     (done, state, records)` continues from such a checkpoint; the result is bitwise the same
     as an uninterrupted run. `num_devices` > 1 shards the pool axis over that many devices
-    (`jax.shard_map`; results agree with one device to rounding). Compilation is timed apart
-    from running.
+    (`jax.shard_map`; results agree with one device to rounding). `key_index` (num_pools,)
+    sets each pool's draw index (default: its position; see `pool_keys`). Compilation is
+    timed apart from running.
     """
     num_pools = jtu.tree_leaves(params)[0].shape[0]
-    keys, flips = pool_keys(seed, num_pools, spec.antithetic)
+    keys, flips = pool_keys(seed, num_pools, spec.antithetic, key_index)
     if num_devices > 1:
         if num_devices > len(jax.devices()) or num_pools % num_devices:
             raise ValueError(
@@ -643,7 +736,7 @@ def simulate(
     while done < num_steps:
         length = min(chunk_length, num_steps - done)
         blocks = jnp.asarray(length // unit, jnp.int32)
-        args = (state, params, model, keys, flips, blocks)
+        args = (state, params, model, keys, flips, blocks, jnp.asarray(done, jnp.int32))
         fn, c = _compiled(_chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices)
         compile_s += c
         t0 = time.perf_counter()
@@ -670,6 +763,8 @@ def simulate(
         metrics |= account_metrics(
             state.accounts, params.pool.initial_value, num_steps, spec.steps_per_year
         )
+    if spec.hedge:
+        metrics |= hedge_metrics(state.hedge, metrics["sharpe"], spec.steps_per_year)
     invalid = np.asarray(state.accounts.invalid_step) >= 0  # one transfer, not one per metric
     masked = np.flatnonzero(invalid)
     metrics = {k: np.where(invalid, np.nan, np.asarray(v)) for k, v in metrics.items()}
