@@ -34,6 +34,20 @@ from .discount import (
     quadratic_surrogate,
     swap_fee_bps,
 )
+from .hedge import (
+    CovState,
+    HedgeParams,
+    HedgeState,
+    ewma_covariance,
+    hedge_metrics,
+    init_cov_state,
+    mean_variance_hedge,
+    oas_shrinkage,
+    pool_delta,
+    price_change_cov,
+    rolling_covariance,
+    update_cov_state,
+)
 from .market import Book, MarketParams
 from .metrics import ReturnStats, finalize_stats, init_stats, mean_ci, update_stats
 from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams
@@ -56,6 +70,7 @@ from .simulate import (
     simulate,
     step,
 )
+from .sweep import paired_difference, run_sweep, sweep_config
 
 try:
     __version__ = version("pdlpjax")
@@ -131,4 +146,19 @@ __all__ = [
     "step",
     "update_stats",
     "weights",
+    "CovState",
+    "HedgeParams",
+    "HedgeState",
+    "ewma_covariance",
+    "hedge_metrics",
+    "init_cov_state",
+    "mean_variance_hedge",
+    "oas_shrinkage",
+    "pool_delta",
+    "price_change_cov",
+    "rolling_covariance",
+    "update_cov_state",
+    "paired_difference",
+    "run_sweep",
+    "sweep_config",
 ]

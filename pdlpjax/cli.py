@@ -1,6 +1,7 @@
-"""Command line: `pdlpjax run CONFIG [--set section.key=value ...] [--out DIR]`.
+"""Command line: `pdlpjax run|sweep CONFIG [--set section.key=value ...] [--out DIR]`.
 
-`pdlpjax run --resume DIR` continues an interrupted run from DIR's checkpoint.
+`run` simulates a config; `sweep` runs its `[sweep]` grid as one paired comparison.
+`pdlpjax run|sweep --resume DIR` continues an interrupted run from DIR's checkpoint.
 Errors in the config or its data print one line (`error: ...`) and exit with status 2,
 before anything is compiled; a run in which a pool breaks a numerical guard exits with status 3
 (with a diagnostic snapshot of that pool in the results folder).
@@ -27,30 +28,41 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pdlpjax", description="Monte Carlo engine for PDLPs")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="simulate a config and write a results folder")
-    run.add_argument("config", nargs="?", help="TOML config, e.g. configs/quickstart.toml")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value (TOML syntax)",
-    )
-    run.add_argument("--out", default=None, help="results folder (default runs/<name>-<time>)")
-    run.add_argument("--quiet", action="store_true", help="no progress or summary line")
-    run.add_argument(
-        "--resume",
-        metavar="DIR",
-        default=None,
-        help="continue an interrupted run from its results folder's checkpoint",
-    )
+    helps = {
+        "run": "simulate a config and write a results folder",
+        "sweep": "run the config's [sweep] grid (paired, common random numbers)",
+    }
+    for name, text in helps.items():
+        run = sub.add_parser(name, help=text)
+        run.add_argument("config", nargs="?", help="TOML config, e.g. configs/quickstart.toml")
+        run.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override a config value (TOML syntax)",
+        )
+        run.add_argument("--out", default=None, help="results folder (default runs/<name>-<time>)")
+        run.add_argument("--quiet", action="store_true", help="no progress or summary line")
+        run.add_argument(
+            "--resume",
+            metavar="DIR",
+            default=None,
+            help="continue an interrupted run from its results folder's checkpoint",
+        )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pdlpjax` command; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "sweep":
+        from .sweep import run_sweep
+
+        runner = run_sweep
+    else:
+        runner = run_config
     try:
         if args.resume is not None:
             if args.config or args.overrides or args.out:
@@ -58,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                     "--resume DIR: takes no config, --set or --out (the folder holds its config)"
                 )
             cfg = load_config(Path(args.resume) / "config.toml")
-            out = run_config(cfg, args.resume, quiet=args.quiet, resume=True)
+            out = runner(cfg, args.resume, quiet=args.quiet, resume=True)
         else:
             if args.config is None:
-                raise ConfigError("run: expected a config file (or --resume DIR)")
+                raise ConfigError(f"{args.command}: expected a config file (or --resume DIR)")
             cfg = load_config(args.config, args.overrides)
-            out = run_config(cfg, args.out, quiet=args.quiet)
+            out = runner(cfg, args.out, quiet=args.quiet)
         print(out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -39,6 +39,8 @@ __all__ = [
     "PoolConfig",
     "SimulationConfig",
     "OutputConfig",
+    "HedgeConfig",
+    "SweepConfig",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 PATH_MODELS = ("gbm", "jump", "garch", "bootstrap")
+COVARIANCE_ESTIMATORS = ("model", "window", "ewma", "shrinkage")
 
 
 class ConfigError(ValueError):
@@ -261,6 +264,43 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class HedgeConfig:
+    """`[hedge]`: an LP holding the pool's initial shares delta-hedges with perpetuals (§4)."""
+
+    enabled: bool = _f(False, type=bool, doc="simulate the hedged LP beside the unhedged one")
+    every: int = _f(24, type=int, lo=1, doc="rebalance the hedge every N steps")
+    covariance: str = _f(
+        "window",
+        type=str,
+        choices=COVARIANCE_ESTIMATORS,
+        doc="Σ estimator: model (the path model's Σ, an oracle) | window | ewma | "
+        "shrinkage (OAS of the window)",
+    )
+    window: int = _f(168, type=int, lo=2, hi=100000, doc="returns kept for window/shrinkage")
+    risk_aversion: Any = _dyn(
+        1.0, lo=0.0, lo_open=True, doc="γ_r of eq. 12 (value units, dimensionless)"
+    )
+    penalty: Any = _dyn(
+        0.0,
+        rank=1,
+        length="risky",
+        lo=0.0,
+        broadcast=True,
+        doc="c of eq. 12, quadratic rebalancing penalty (value units); 0 gives eq. 13",
+    )
+    cost: Any = _dyn(
+        0.0005,
+        rank=1,
+        length="risky",
+        lo=0.0,
+        hi=1.0,
+        broadcast=True,
+        doc="charge per unit of traded notional when the hedge rebalances (taker fee)",
+    )
+    ewma_halflife: Any = _dyn(168.0, lo=0.0, lo_open=True, doc="EWMA half-life in steps")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """`[simulation]`: sizes, time grid, randomness, precision."""
 
@@ -271,8 +311,13 @@ class SimulationConfig:
     seed: int = _f(0, type=int, lo=0, doc="root PRNG seed")
     dtype: str = _f("float32", type=str, choices=("float32", "float64"), doc="float precision")
     progress: bool = _f(True, type=bool, doc="print progress between chunks")
-    devices: int = _f(
-        1, type=int, lo=0, doc="shard the pools over N devices (0: all visible devices)"
+    devices: Any = _f(
+        1,
+        type=int,
+        lo=0,
+        choices=("all",),
+        doc='shard the pools over N devices; "all" (or 0): every visible device that divides '
+        "num_pools",
     )
     identity_tolerance: float = _f(
         1.0e-4, lo=0.0, doc="largest relative accounting-identity violation allowed"
@@ -303,12 +348,40 @@ class OutputConfig:
     )
 
 
+@dataclass(frozen=True)
+class SweepConfig:
+    """`[sweep]`: what `pdlpjax sweep` varies (ignored by `pdlpjax run`).
+
+    `params` maps dynamic keys to the values they take: `"pool.fee" = [0.0, 1e-5]` or a grid
+    spec (`{ grid = [...] }`, `{ linspace = [a, b, n] }`) for a Cartesian grid; with `draws` >
+    0, `{ uniform = [a, b] }` or `{ loguniform = [a, b] }` ranges (or value lists) are sampled
+    `draws` times instead. Every combination runs `replicates` pools, and replicate j of every
+    combination sees the same random draws (common random numbers), so differences between
+    combinations are paired.
+    """
+
+    params: Any = _f(
+        None,
+        type=dict,
+        optional=True,
+        doc='table "section.key" = values: a list, {grid}, {linspace}, or with draws '
+        "{uniform = [a, b]} / {loguniform = [a, b]}",
+    )
+    replicates: int = _f(64, type=int, lo=1, doc="pools per combination (common random numbers)")
+    draws: int = _f(0, type=int, lo=0, doc="0: the full grid; N: N random combinations")
+    batch_pools: int = _f(
+        4096, type=int, lo=1, doc="most pools per compiled batch (the sweep runs in batches)"
+    )
+
+
 SECTIONS: dict[str, type] = {
     "market": MarketConfig,
     "paths": PathsConfig,
     "pool": PoolConfig,
+    "hedge": HedgeConfig,
     "simulation": SimulationConfig,
     "output": OutputConfig,
+    "sweep": SweepConfig,
 }
 TOP_LEVEL = ("name", "description")
 
@@ -322,8 +395,10 @@ class Config:
     market: MarketConfig = field(default_factory=MarketConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    hedge: HedgeConfig = field(default_factory=HedgeConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     @property
     def num_risky(self) -> int:
@@ -451,9 +526,72 @@ def _build_section(name: str, cls: type, table: dict) -> Any:
         if key not in known:
             raise ConfigError(f"{name}.{key}: unknown key; expected one of {', '.join(known)}")
         spec = known[key]
+        if spec.type is dict:
+            values[key] = _check_sweep_params(f"{name}.{key}", value)
+            continue
         check = _check_dynamic if spec.kind == "dynamic" else _check_static
         values[key] = check(f"{name}.{key}", spec, value)
     return cls(**values)
+
+
+@dataclass(frozen=True)
+class Range:
+    """A sampling range of a swept scalar: uniform or log-uniform on [lo, hi]."""
+
+    lo: float
+    hi: float
+    log: bool = False
+
+    def to_toml(self) -> dict:
+        return {"loguniform" if self.log else "uniform": [self.lo, self.hi]}
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.log:
+            return np.exp(rng.uniform(np.log(self.lo), np.log(self.hi), n))
+        return rng.uniform(self.lo, self.hi, n)
+
+
+def _check_sweep_params(key: str, table: Any) -> dict:
+    """`[sweep] params`: each entry names a dynamic field; values become a `Grid` or `Range`."""
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f'{key}: expected a table like {{ "pool.fee" = [0.0, 1e-5] }}')
+    out = {}
+    for name, value in table.items():
+        where = f"{key}.{name}"
+        parts = name.split(".")
+        section = SECTIONS.get(parts[0]) if len(parts) == 2 else None
+        spec = specs(section).get(parts[1]) if section is not None else None
+        if spec is None or spec.kind != "dynamic":
+            raise ConfigError(f"{where}: expected the name of a dynamic field, as section.key")
+        if isinstance(value, list):
+            value = {"grid": value}
+        if isinstance(value, dict) and set(value) in ({"uniform"}, {"loguniform"}):
+            (kind, bounds), log = next(iter(value.items())), "loguniform" in value
+            ok = (
+                spec.rank == 0
+                and isinstance(bounds, list)
+                and len(bounds) == 2
+                and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+                and bounds[0] < bounds[1]
+                and (not log or bounds[0] > 0)
+            )
+            if not ok:
+                raise ConfigError(
+                    f"{where}.{kind}: expected [lo, hi] with lo < hi"
+                    + (" and lo > 0" if log else "")
+                    + ("" if spec.rank == 0 else " (ranges are for scalar fields only)")
+                )
+            for b in bounds:
+                _check_scalar(f"{where}.{kind}", spec, float(b))
+            out[name] = Range(float(bounds[0]), float(bounds[1]), log)
+        elif isinstance(value, dict):
+            out[name] = _check_grid(where, spec, value)
+        else:
+            raise ConfigError(
+                f"{where}: expected a list of values, {{ grid = [...] }}, "
+                "{ linspace = [a, b, n] }, { uniform = [a, b] } or { loguniform = [a, b] }"
+            )
+    return out
 
 
 # --------------------------------------------------------------------------- field checks
@@ -506,6 +644,11 @@ def _check_scalar(key: str, spec: Spec, value: Any) -> Any:
 
 
 def _check_static(key: str, spec: Spec, value: Any) -> Any:
+    if spec.type is not str and spec.choices and isinstance(value, str):
+        if value not in spec.choices:  # a number, or one of a few words ("all")
+            words = " or ".join(f'"{c}"' for c in spec.choices)
+            raise ConfigError(f"{key}: expected {_what(spec)} or {words}, got {_show(value)}")
+        return value
     if spec.rank == 0:
         return _check_scalar(key, spec, value)
     if not isinstance(value, list):
@@ -647,6 +790,14 @@ def _check_cross(cfg: Config) -> None:
             f"simulation.num_pools: expected a multiple of the {combos} grid combinations, "
             f"got {s.num_pools}"
         )
+    sw = cfg.sweep
+    if sw.params and sw.draws == 0 and any(isinstance(v, Range) for v in sw.params.values()):
+        raise ConfigError("sweep.params: uniform/loguniform ranges need sweep.draws > 0")
+    if cfg.hedge.enabled and cfg.hedge.every > s.num_steps:
+        raise ConfigError(
+            f"hedge.every: expected at most simulation.num_steps = {s.num_steps}, "
+            f"got {cfg.hedge.every}"
+        )
     if cfg.pool.mode == "pdlp" and not m.numeraire:
         raise ConfigError(
             'market.numeraire: pool.mode = "pdlp" needs a numéraire (margin and '
@@ -660,7 +811,7 @@ def _check_cross(cfg: Config) -> None:
             f"{lev_max:g}, got {arb_lev:g}"
         )
     p = cfg.paths
-    if s.devices > 1 and s.num_pools % s.devices:
+    if isinstance(s.devices, int) and s.devices > 1 and s.num_pools % s.devices:
         raise ConfigError(
             f"simulation.devices: expected a divisor of num_pools = {s.num_pools}, got {s.devices}"
         )
@@ -838,6 +989,8 @@ def config_to_dict(cfg: Config) -> dict:
             v = getattr(section, f.name)
             if v is None:
                 continue
+            if isinstance(v, dict):  # [sweep] params
+                v = {k: x.to_toml() for k, x in v.items()}
             table[f.name] = v.to_toml() if isinstance(v, Grid) else _listify(v)
         out[sec_name] = table
     return out

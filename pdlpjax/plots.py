@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from ._io import save_figure  # noqa: E402
 
-__all__ = ["fan_chart", "histogram", "utilisation_chart"]
+__all__ = ["fan_chart", "histogram", "utilisation_chart", "heatmap"]
 
 
 def fan_chart(
@@ -75,5 +75,34 @@ def utilisation_chart(
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left")
     fig.suptitle(title)
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def heatmap(
+    path: str | Path,
+    values: np.ndarray,
+    xs: list,
+    ys: list,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    cbar: str = "hedged − unhedged Sharpe",
+) -> None:
+    """A (len(ys), len(xs)) table as a diverging heatmap centred on 0, each cell labelled."""
+    values = np.asarray(values, float)
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 3, 0.6 * len(ys) + 2.5))
+    finite = values[np.isfinite(values)]
+    lim = float(np.max(np.abs(finite))) if finite.size else 1.0
+    im = ax.imshow(values, cmap="RdBu", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
+    ax.set_xticks(range(len(xs)), [f"{x:.3g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:.3g}" for y in ys])
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label=cbar)
     save_figure(path, fig)
     plt.close(fig)

@@ -200,10 +200,11 @@ def _write_diagnostic(out: Path, err) -> Path:
 
 
 def _num_devices(cfg: Config) -> int:
-    """`simulation.devices` resolved: 0 means every visible device that divides the pools."""
+    """`simulation.devices` resolved: "all" or 0 mean every visible device that divides the
+    pools. Multi-host runs call `jax.distributed.initialize()` first (README, Scale-out)."""
     n = cfg.simulation.devices
     available = len(jax.devices())
-    if n == 0:
+    if n in ("all", 0):
         n = max(d for d in range(1, available + 1) if cfg.simulation.num_pools % d == 0)
     if n > available:
         raise ConfigError(f"simulation.devices: {n} requested, {available} visible")

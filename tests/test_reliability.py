@@ -276,6 +276,7 @@ args = (P.make_params(cfg), P.make_model(cfg), P.make_spec(cfg))
 one = P.simulate(*args, seed=0, num_steps=48, chunk_length=24)
 four = P.simulate(*args, seed=0, num_steps=48, chunk_length=24, num_devices=4)
 assert len(jax.devices()) == 4
+assert P.results._num_devices(P.load_config(sys.argv[1], ['simulation.devices="all"'])) == 4
 worst = 0.0
 for (path, x), y in zip(jtu.tree_leaves_with_path(one.state), jtu.tree_leaves(four.state)):
     if "identity_error" in jtu.keystr(path):  # the size and step of rounding noise
@@ -295,7 +296,8 @@ def test_four_devices_agree_with_one():
     """
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     out = subprocess.run(
-        [sys.executable, "-c", _DEVICES_SCRIPT, str(QUICKSTART)],
+        # The hedged config: full pool dynamics plus the hedged LP (its rebalancing branch).
+        [sys.executable, "-c", _DEVICES_SCRIPT, str(QUICKSTART.parent / "hedged_sharpe.toml")],
         env=env,
         capture_output=True,
         text=True,
