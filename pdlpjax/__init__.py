@@ -53,6 +53,18 @@ from .metrics import ReturnStats, finalize_stats, init_stats, mean_ci, update_st
 from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams
 from .pool import Accounts, PoolParams, PoolState, pool_value, weights
 from .results import run_config
+from .schur import (
+    ClaimB1,
+    claim_b1,
+    claim_b1_chitra_notation,
+    coupling_rho,
+    damped_blocks,
+    damped_hedge,
+    gamma_star,
+    merged_hedge,
+    schur_complements,
+    split_blocks,
+)
 from .simulate import (
     Params,
     Record,
@@ -161,4 +173,14 @@ __all__ = [
     "paired_difference",
     "run_sweep",
     "sweep_config",
+    "ClaimB1",
+    "claim_b1",
+    "claim_b1_chitra_notation",
+    "coupling_rho",
+    "damped_blocks",
+    "damped_hedge",
+    "gamma_star",
+    "merged_hedge",
+    "schur_complements",
+    "split_blocks",
 ]
