@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
-from .config import Config, ConfigError, resolve_dynamic
+from .config import SECTIONS, Config, ConfigError, resolve_dynamic, specs
 from .data import DataError, infer_steps_per_year, load_closes, log_returns
 from .hedge import HedgeParams
 from .market import MarketParams
@@ -14,7 +16,7 @@ from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathPar
 from .pool import PoolParams
 from .simulate import Params, SimSpec
 
-__all__ = ["make_params", "make_model", "make_spec", "bootstrap_returns"]
+__all__ = ["make_params", "make_model", "make_spec", "bootstrap_returns", "make_block"]
 
 
 def make_params(cfg: Config) -> Params:
@@ -92,4 +94,47 @@ def make_spec(cfg: Config) -> SimSpec:
         hedge_every=cfg.hedge.every,
         hedge_estimator=cfg.hedge.covariance,
         hedge_window=cfg.hedge.window,
+        damping_rule=cfg.hedge.damping_rule,
+        coupling=cfg.hedge.coupling,
     )
+
+
+def make_block(cfg: Config, b: int) -> tuple[Params, SimSpec]:
+    """Params and spec of `[[pools]]` block b: a pool over a subset of the market's assets.
+
+    Per-asset `[market]` and `[hedge]` values are those of the block's assets, the target
+    weights are the block's (default equal over its assets and the numéraire), and `[paths]`
+    stays the whole market's: every block runs the same path model on the same draws, so the
+    pools share one market. Traders draw from their own stream per block.
+    """
+    block = cfg.pools[b]
+    idx = [cfg.market.assets.index(a) for a in block.assets]
+    values, _ = resolve_dynamic(cfg)
+    dtype = jnp.dtype(cfg.simulation.dtype)
+    num_pools = cfg.simulation.num_pools
+
+    def section(cls, name):
+        out = {}
+        for key, arr in values[name].items():
+            spec = specs(SECTIONS[name])[key]
+            if name != "paths" and spec.length == "risky":
+                arr = arr[:, idx]
+            out[key] = jnp.asarray(arr, dtype)
+        return cls(**out)
+
+    pool = section(PoolParams, "pool")
+    m = len(idx) + 1
+    w = block.target_weights or (1.0 / m,) * m
+    pool = dataclasses.replace(
+        pool, target_weights=jnp.asarray(np.broadcast_to(np.asarray(w), (num_pools, m)), dtype)
+    )
+    params = Params(
+        market=section(MarketParams, "market"),
+        paths=section(PathParams, "paths"),
+        pool=pool,
+        hedge=section(HedgeParams, "hedge"),
+    )
+    spec = dataclasses.replace(
+        make_spec(cfg), num_risky=len(idx), market_assets=tuple(idx), stream=b + 1
+    )
+    return params, spec

@@ -41,6 +41,7 @@ __all__ = [
     "OutputConfig",
     "HedgeConfig",
     "SweepConfig",
+    "PoolBlock",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -52,6 +53,7 @@ __all__ = [
 
 PATH_MODELS = ("gbm", "jump", "garch", "bootstrap")
 COVARIANCE_ESTIMATORS = ("model", "window", "ewma", "shrinkage")
+DAMPING_RULES = ("fixed", "gamma_star", "binary", "isolated", "merged")
 
 
 class ConfigError(ValueError):
@@ -298,6 +300,23 @@ class HedgeConfig:
         doc="charge per unit of traded notional when the hedge rebalances (taker fee)",
     )
     ewma_halflife: Any = _dyn(168.0, lo=0.0, lo_open=True, doc="EWMA half-life in steps")
+    damping_rule: str = _f(
+        "fixed",
+        type=str,
+        choices=DAMPING_RULES,
+        doc="with [[pools]]: how each pool's Schur damping γ is set at a rebalance: fixed "
+        "(hedge.damping) | gamma_star (γ*(ρ̂, n)) | binary (Claim B.1 on Σ̂) | isolated (0) | "
+        "merged (1)",
+    )
+    damping: Any = _dyn(
+        0.0, lo=0.0, hi=1.0, doc="Schur damping fraction γ for damping_rule = fixed"
+    )
+    coupling: str = _f(
+        "canonical",
+        type=str,
+        choices=("canonical", "average"),
+        doc="ρ̂ for gamma_star: first canonical correlation | RMS canonical correlation",
+    )
 
 
 @dataclass(frozen=True)
@@ -384,6 +403,23 @@ SECTIONS: dict[str, type] = {
     "sweep": SweepConfig,
 }
 TOP_LEVEL = ("name", "description")
+ARRAYS = ("pools",)  # arrays of tables: [[pools]]
+
+
+@dataclass(frozen=True)
+class PoolBlock:
+    """One `[[pools]]` entry: a pool over a subset of `market.assets` (disjoint from the other
+    pools'), all sharing one price model. `target_weights` lists its assets then the
+    numéraire (default equal)."""
+
+    assets: tuple
+    target_weights: tuple | None = None
+
+    def to_toml(self) -> dict:
+        out: dict[str, Any] = {"assets": list(self.assets)}
+        if self.target_weights is not None:
+            out["target_weights"] = list(self.target_weights)
+        return out
 
 
 @dataclass(frozen=True)
@@ -399,6 +435,7 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    pools: tuple = ()  # `[[pools]]` blocks; empty: one pool over every asset
 
     @property
     def num_risky(self) -> int:
@@ -489,6 +526,8 @@ def config_from_dict(raw: dict, base_dir: str | Path | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a table at top level")
     for key, value in raw.items():
+        if key in ARRAYS:
+            continue
         if key in TOP_LEVEL:
             if not isinstance(value, str):
                 raise ConfigError(f"{key}: expected a string, got {_show(value)}")
@@ -505,11 +544,79 @@ def config_from_dict(raw: dict, base_dir: str | Path | None = None) -> Config:
         if not isinstance(table, dict):
             raise ConfigError(f"[{name}]: expected a table, got {_show(table)}")
         sections[name] = _build_section(name, cls, table)
-    cfg = Config(name=raw.get("name", "config"), description=raw.get("description", ""), **sections)
+    pools = _check_pools(raw.get("pools", []))
+    cfg = Config(
+        name=raw.get("name", "config"),
+        description=raw.get("description", ""),
+        pools=pools,
+        **sections,
+    )
     if base_dir is not None and cfg.paths.data:
         cfg = _resolve_data_path(cfg, Path(base_dir))
     _check_cross(cfg)
     return cfg
+
+
+def _check_pools(items: Any) -> tuple:
+    """`[[pools]]`: a list of tables with `assets` (strings) and optional `target_weights`."""
+    if not isinstance(items, list):
+        raise ConfigError("pools: expected [[pools]] tables (an array of tables)")
+    blocks = []
+    for i, item in enumerate(items):
+        where = f"pools[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a table")
+        unknown = set(item) - {"assets", "target_weights"}
+        if unknown:
+            raise ConfigError(
+                f"{where}.{sorted(unknown)[0]}: unknown key; expected assets, target_weights"
+            )
+        assets = item.get("assets")
+        if (
+            not isinstance(assets, list)
+            or not assets
+            or not all(isinstance(a, str) for a in assets)
+        ):
+            raise ConfigError(f"{where}.assets: expected a non-empty list of asset names")
+        weights = item.get("target_weights")
+        if weights is not None:
+            spec = Spec(kind="dynamic", lo=0.0, hi=1.0)
+            if not isinstance(weights, list):
+                raise ConfigError(f"{where}.target_weights: expected a list of numbers")
+            weights = tuple(_check_scalar(f"{where}.target_weights", spec, w) for w in weights)
+        blocks.append(PoolBlock(tuple(assets), weights))
+    return tuple(blocks)
+
+
+def _check_blocks(cfg: Config) -> None:
+    if not cfg.pools:
+        return
+    names = list(cfg.market.assets)
+    seen: set = set()
+    if len(cfg.pools) < 2:
+        raise ConfigError("pools: expected at least two [[pools]] blocks (or none)")
+    for i, block in enumerate(cfg.pools):
+        for a in block.assets:
+            if a not in names:
+                raise ConfigError(f"pools[{i}].assets: {a!r} is not in market.assets {names}")
+            if a in seen:
+                raise ConfigError(f"pools[{i}].assets: {a!r} is in two pools (must be disjoint)")
+            seen.add(a)
+        w = block.target_weights
+        if w is not None:
+            if len(w) != len(block.assets) + 1:
+                raise ConfigError(
+                    f"pools[{i}].target_weights: expected {len(block.assets) + 1} values "
+                    "(its assets, then the numéraire)"
+                )
+            if abs(sum(w) - 1.0) > 1e-6:
+                raise ConfigError(
+                    f"pools[{i}].target_weights: expected weights that sum to 1, got {sum(w):.6g}"
+                )
+    if not cfg.market.numeraire:
+        raise ConfigError("pools: [[pools]] need a market.numeraire (each pool holds one)")
+    if cfg.pool.mode != "pdlp":
+        raise ConfigError('pools: [[pools]] need pool.mode = "pdlp"')
 
 
 def _resolve_data_path(cfg: Config, base_dir: Path) -> Config:
@@ -790,6 +897,7 @@ def _check_cross(cfg: Config) -> None:
             f"simulation.num_pools: expected a multiple of the {combos} grid combinations, "
             f"got {s.num_pools}"
         )
+    _check_blocks(cfg)
     sw = cfg.sweep
     if sw.params and sw.draws == 0 and any(isinstance(v, Range) for v in sw.params.values()):
         raise ConfigError("sweep.params: uniform/loguniform ranges need sweep.draws > 0")
@@ -993,6 +1101,8 @@ def config_to_dict(cfg: Config) -> dict:
                 v = {k: x.to_toml() for k, x in v.items()}
             table[f.name] = v.to_toml() if isinstance(v, Grid) else _listify(v)
         out[sec_name] = table
+    if cfg.pools:
+        out["pools"] = [b.to_toml() for b in cfg.pools]
     return out
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "init_hedge",
     "hedge_step",
     "enter_hedge",
+    "HedgePlan",
     "model_covariance",
     "hedge_metrics",
 ]
@@ -214,6 +215,7 @@ class HedgeParams(eqx.Module):
     penalty: Float[Array, " r"]  # c of eq. 12 (value units: dimensionless); 0 gives eq. 13
     cost: Float[Array, " r"]  # proportional charge on traded notional (taker fee), fraction
     ewma_halflife: Float[Array, ""]  # steps, for covariance = "ewma"
+    damping: Float[Array, ""]  # Schur damping γ for damping_rule = "fixed" ([[pools]] only)
 
 
 class Moments(eqx.Module):
@@ -255,6 +257,8 @@ class HedgeState(eqx.Module):
     funding: Float[Array, ""]
     costs: Float[Array, ""]
     rebalances: Float[Array, ""]
+    damping_sum: Float[Array, ""]  # Σ of the Schur damping γ used at the rebalances
+    damping_count: Float[Array, ""]  # rebalances that used a covariance (not the entry's −Δ)
     fee_term: Float[Array, ""]
     risk_term: Float[Array, ""]
     hedge_moments: Moments
@@ -263,20 +267,29 @@ class HedgeState(eqx.Module):
 
 
 def init_hedge(
-    shares: Float[Array, ""], num_risky: int, window: int, stats: ReturnStats, dtype
+    shares: Float[Array, ""],
+    num_risky: int,
+    window: int,
+    stats: ReturnStats,
+    dtype,
+    num_market: int | None = None,
 ) -> HedgeState:
-    """An LP holding `shares` with no hedge yet; `stats` are its initial `ReturnStats`."""
+    """An LP holding `shares` with no hedge yet; `stats` are its initial `ReturnStats`.
+    `num_market` (default `num_risky`) is how many assets the covariance estimate covers:
+    all the market's, when the pool holds a block of them (`[[pools]]`)."""
     zero = jnp.zeros((), dtype)
     empty = Moments(zero, zero, zero)
     return HedgeState(
         shares=shares,
         position=jnp.zeros((num_risky,), dtype),
         cash=zero,
-        cov=init_cov_state(num_risky, window, dtype),
+        cov=init_cov_state(num_market or num_risky, window, dtype),
         pnl=zero,
         funding=zero,
         costs=zero,
         rebalances=zero,
+        damping_sum=zero,
+        damping_count=zero,
         fee_term=zero,
         risk_term=zero,
         hedge_moments=empty,
@@ -296,7 +309,7 @@ class HedgeInputs(eqx.Module):
 
     p_old: Float[Array, " r"]
     p_new: Float[Array, " r"]
-    log_return: Float[Array, " r"]
+    log_return: Float[Array, " n"]  # this step's log returns of all the market's assets
     funding_rate: Float[Array, " r"]  # γ_L per market this step (> 0: longs pay)
     delta: Float[Array, " r"]  # ∂AUM/∂p of the pool after the step (tokens)
     lent: Float[Array, " r"]  # tokens lent (reserved for longs) after the step
@@ -304,7 +317,39 @@ class HedgeInputs(eqx.Module):
     share_price_new: Float[Array, ""]
     supply: Float[Array, ""]
     fee: Float[Array, ""]  # the pool's lending fee per step
-    model_cov: Float[Array, "r r"]  # per-step log-return covariance of the path model
+    model_cov: Float[Array, "n n"]  # per-step log-return covariance of the path model
+
+
+class HedgePlan(eqx.Module):
+    """Static settings of the hedged LP: rebalance period, covariance estimator, and, for a
+    pool that holds a block of the market's assets (`[[pools]]`), the block's indices in the
+    market (`own`), how its Schur damping γ is set (`rule`, one of `config.DAMPING_RULES`)
+    and which coupling ρ̂ feeds γ* (`coupling`)."""
+
+    every: int = eqx.field(static=True, default=24)
+    estimator: str = eqx.field(static=True, default="window")
+    own: tuple | None = eqx.field(static=True, default=None)
+    rule: str = eqx.field(static=True, default="fixed")
+    coupling: str = eqx.field(static=True, default="canonical")
+
+
+def _damping(
+    full: Float[Array, "n n"], m1: int, params: HedgeParams, plan: HedgePlan, n_eff
+) -> Float[Array, ""]:
+    """The Schur damping γ of the rule, from the covariance ordered [own block, the rest]."""
+    from .schur import claim_b1, coupling_rho, gamma_star  # schur builds on this module
+
+    if plan.rule == "fixed":
+        return params.damping
+    if plan.rule == "isolated":
+        return jnp.zeros_like(params.damping)
+    if plan.rule == "merged":
+        return jnp.ones_like(params.damping)
+    if plan.rule == "binary":
+        return claim_b1(full, m1).passes.astype(full.dtype)
+    rho = coupling_rho(full, m1, kind=plan.coupling)
+    g = gamma_star(rho, jnp.maximum(n_eff, 3.0))  # n ≤ 2 has no residual: no trust (γ = 0)
+    return jnp.where(n_eff > 2, g, 0.0)
 
 
 def _rebalance(
@@ -312,23 +357,37 @@ def _rebalance(
     delta_value: Float[Array, " r"],
     lent_value: Float[Array, " r"],
     fee_per_step: Float[Array, ""],
-    log_cov: Float[Array, "r r"],
+    log_cov: Float[Array, "n n"],
     ready: Bool[Array, ""],
     params: HedgeParams,
-    every: int,
+    plan: HedgePlan,
+    n_eff: Float[Array, ""],
 ):
     """Eq. 12 in value units: x = p ⊙ π, Δ and ℓ are the LP's pro-rata share of the pool's
     delta and lent tokens times p, Σ = `every` × the per-step log-return covariance,
-    f = fee × `every`. **Returns:** (new position value, whether it moved, Claim 4.1's fee
-    term f·1ᵀℓ and risk term γ_r λ_max(Σ) 1ᵀΔ, both 0 when it did not move).
+    f = fee × `every`. For a block pool (`plan.own`), Σ is the damped own block
+    A(γ) = A − γ B C⁻¹ Bᵀ of the market's covariance (Cotton eq. 3), γ by `plan.rule`.
+    **Returns:** (new position value, whether it moved, Claim 4.1's fee term f·1ᵀℓ and risk
+    term γ_r λ_max(Σ) 1ᵀΔ, both 0 when it did not move, and the γ used).
     """
-    sigma = every * log_cov
-    fee = fee_per_step * every
+    from .schur import damped_blocks
+
+    fee = fee_per_step * plan.every
     # A tiny ridge keeps the factorisation finite while the window has fewer returns than
     # assets (the sample covariance is then singular): 1e-9 of the mean variance.
-    ridge = 1e-9 * jnp.trace(sigma) / sigma.shape[0] + jnp.finfo(sigma.dtype).tiny
+    n = log_cov.shape[0]
+    ridge = 1e-9 * jnp.trace(log_cov) / n + jnp.finfo(log_cov.dtype).tiny
+    log_cov = log_cov + ridge * jnp.eye(n, dtype=log_cov.dtype)
+    gamma = jnp.zeros_like(fee)
+    if plan.own is not None:
+        own = list(plan.own)
+        perm = jnp.asarray(own + [i for i in range(n) if i not in own])
+        full = log_cov[perm][:, perm]
+        gamma = _damping(full, len(own), params, plan, n_eff)
+        log_cov = damped_blocks(full, len(own), gamma)[0]
+    sigma = plan.every * log_cov
     target = mean_variance_hedge(
-        sigma + ridge * jnp.eye(sigma.shape[0], dtype=sigma.dtype),
+        sigma,
         lent_value,
         delta_value,
         fee,
@@ -344,7 +403,21 @@ def _rebalance(
         ok,
         jnp.where(ok, fee * fixed_sum(lent_value), zero),
         jnp.where(ok, params.risk_aversion * lam_max * fixed_sum(delta_value), zero),
+        jnp.where(ok, gamma, zero),
     )
+
+
+def _effective_samples(plan: HedgePlan, cov: CovState, params: HedgeParams) -> Float[Array, ""]:
+    """How many returns the estimate rests on, for γ*: the window's count, the EWMA's
+    (1 + λ)/(1 − λ) (Kish's effective size of infinite geometric weights), or 1e9 for the
+    model's own Σ (known exactly)."""
+    dtype = cov.ewma.dtype
+    if plan.estimator == "model":
+        return jnp.asarray(1e9, dtype)
+    if plan.estimator == "ewma":
+        lam = 0.5 ** (1.0 / params.ewma_halflife)
+        return jnp.minimum((1.0 + lam) / (1.0 - lam), cov.count.astype(dtype))
+    return jnp.minimum(cov.count, cov.window.shape[0]).astype(dtype)
 
 
 def enter_hedge(
@@ -355,34 +428,54 @@ def enter_hedge(
     lent: Float[Array, " r"],
     supply: Float[Array, ""],
     fee: Float[Array, ""],
-    model_cov: Float[Array, "r r"],
-    every: int,
+    model_cov: Float[Array, "n n"],
+    plan: HedgePlan,
 ) -> HedgeState:
-    """Put on the first hedge at t = 0 with the model's covariance (used when the estimator
-    is "model": no returns are needed). The entry cost is paid from cash, and the hedged
-    wealth's statistics start from the wealth after it."""
+    """Put on the first hedge at t = 0. With the model's covariance (estimator "model") it is
+    eq. 12's π; the estimators have no returns yet, so the LP holds the pure delta hedge
+    x = −Δ (eq. 13's limit γ_r → ∞, which needs no Σ) until the first rebalance. The entry
+    cost is paid from cash, and the hedged wealth's statistics start from the wealth after
+    it."""
     own = state.shares * (1.0 / supply)
-    new_value, done, fee_term, risk_term = _rebalance(
-        jnp.zeros_like(prices),
-        own * delta * prices,
-        own * lent * prices,
-        fee,
-        model_cov,
-        jnp.asarray(True),
-        params,
-        every,
-    )
+    delta_value = own * delta * prices
+    if plan.estimator == "model":
+        new_value, done, fee_term, risk_term, gamma = _rebalance(
+            jnp.zeros_like(prices),
+            delta_value,
+            own * lent * prices,
+            fee,
+            model_cov,
+            jnp.asarray(True),
+            params,
+            plan,
+            _effective_samples(plan, state.cov, params),
+        )
+    else:
+        zero = jnp.zeros_like(fee)
+        new_value, done, fee_term, risk_term, gamma = -delta_value, True, zero, zero, zero
     cost = fixed_sum(params.cost * jnp.abs(new_value))
     cash = state.cash - cost
     value = state.stats.initial_value + cash / state.shares
     return eqx.tree_at(
-        lambda h: (h.position, h.cash, h.costs, h.rebalances, h.fee_term, h.risk_term, h.stats),
+        lambda h: (
+            h.position,
+            h.cash,
+            h.costs,
+            h.rebalances,
+            h.damping_sum,
+            h.damping_count,
+            h.fee_term,
+            h.risk_term,
+            h.stats,
+        ),
         state,
         (
             new_value * (1.0 / prices),
             cash,
             state.costs + cost,
-            state.rebalances + done.astype(cash.dtype),
+            state.rebalances + jnp.asarray(done, cash.dtype),
+            state.damping_sum + gamma,
+            state.damping_count + jnp.asarray(plan.estimator == "model", cash.dtype),
             state.fee_term + fee_term,
             state.risk_term + risk_term,
             init_stats(value, state.stats.worst_losses.shape[0]),
@@ -395,20 +488,18 @@ def hedge_step(
     params: HedgeParams,
     x: HedgeInputs,
     t: Int[Array, ""],
-    *,
-    every: int,
-    estimator: str,
+    plan: HedgePlan,
 ) -> HedgeState:
     """One step of the hedged LP (Chitra et al. §4), after the pool's own step.
 
     1. The position held since the last rebalance earns πᵀ(p_{t+1} − p_t) and pays funding
        Σ γ_L π p_{t+1} (a short receives when longs pay).
-    2. The covariance estimator sees this step's log returns.
-    3. Every `every` steps (at the end of step t with (t + 1) % every == 0, and at the end
-       of step 1, when the estimators first have two returns), once the estimate is usable,
-       the LP moves to eq. 12's π (`_rebalance`). It pays `cost` × |traded notional|.
-    The hedged wealth is shares × share price + cash; its returns go into `stats`. With
-    `estimator = "model"` the LP is already hedged at t = 0 (`enter_hedge`).
+    2. The covariance estimator sees this step's log returns (all the market's assets).
+    3. Every `plan.every` steps (at the end of step t with (t + 1) % every == 0), once the
+       estimate is usable, the LP moves to eq. 12's π (`_rebalance`). It pays `cost` ×
+       |traded notional|.
+    The hedged wealth is shares × share price + cash; its returns go into `stats`. The LP
+    is hedged from t = 0 (`enter_hedge`).
     """
     pnl = fixed_sum(state.position * (x.p_new - x.p_old))
     funding = fixed_sum(x.funding_rate * state.position * x.p_new)
@@ -416,7 +507,7 @@ def hedge_step(
     held_value = state.position * x.p_new
 
     def rebalance(_):
-        log_cov, ready = estimate_covariance(estimator, cov_state, x.model_cov)
+        log_cov, ready = estimate_covariance(plan.estimator, cov_state, x.model_cov)
         own = state.shares * (1.0 / x.supply)
         return _rebalance(
             held_value,
@@ -426,19 +517,18 @@ def hedge_step(
             log_cov,
             ready,
             params,
-            every,
+            plan,
+            _effective_samples(plan, cov_state, params),
         )
 
     def hold(_):
         zero = jnp.zeros_like(state.cash)
-        return held_value, jnp.asarray(False), zero, zero
+        return held_value, jnp.asarray(False), zero, zero, zero
 
     # `t` is a plain loop counter in `simulate` (the same for every pool), so under vmap this
-    # stays a real branch and the estimate and solve run only on rebalancing steps. Step 1
-    # is also due: the estimators are first usable then (two returns), so the LP does not
-    # wait a whole period unhedged.
-    due = ((t + 1) % every == 0) | (t == 1)
-    new_value, done, fee_term, risk_term = lax.cond(due, rebalance, hold, None)
+    # stays a real branch and the estimate and solve run only on rebalancing steps.
+    due = (t + 1) % plan.every == 0
+    new_value, done, fee_term, risk_term, gamma = lax.cond(due, rebalance, hold, None)
     cost = fixed_sum(params.cost * jnp.abs(new_value - held_value))
     cash = state.cash + pnl - funding - cost
     lp_pnl = state.shares * (x.share_price_new - x.share_price_old)
@@ -452,6 +542,8 @@ def hedge_step(
         funding=state.funding + funding,
         costs=state.costs + cost,
         rebalances=state.rebalances + done.astype(cash.dtype),
+        damping_sum=state.damping_sum + gamma,
+        damping_count=state.damping_count + done.astype(cash.dtype),
         fee_term=state.fee_term + fee_term,
         risk_term=state.risk_term + risk_term,
         hedge_moments=_add(state.hedge_moments, pnl),
@@ -467,7 +559,8 @@ def hedge_metrics(
 
     **Returns:** the `metrics.finalize_stats` figures of the hedged wealth prefixed
     `hedged_`; `hedge_pnl`, `hedge_funding`, `hedge_costs` (fractions of the LP's initial
-    value); `rebalances`; `hedge_variance_ratio` = Var[πᵀΔp] / Var[LP PnL] per step;
+    value); `rebalances`; `hedge_damping` (mean Schur γ over the rebalances; 0 for a
+    single pool); `hedge_variance_ratio` = Var[πᵀΔp] / Var[LP PnL] per step;
     Claim 4.1's conditions as 0/1: `claim41_fee` (f·E[1ᵀℓ] ≥ γ_r λ_max E[1ᵀΔ] over the
     rebalances), `claim41_variance` (variance ratio ≤ 4), `claim41_holds` (both); and
     `hedge_beats` (1 when the hedged Sharpe is above the unhedged one).
@@ -483,6 +576,7 @@ def hedge_metrics(
         "hedge_funding": state.funding / initial,
         "hedge_costs": state.costs / initial,
         "rebalances": state.rebalances,
+        "hedge_damping": state.damping_sum / jnp.maximum(state.damping_count, 1.0),
         "hedge_variance_ratio": ratio,
         "claim41_fee": fee_ok.astype(ratio.dtype),
         "claim41_variance": var_ok.astype(ratio.dtype),

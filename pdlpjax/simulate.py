@@ -31,6 +31,7 @@ from ._numerics import fixed_sum
 from .hedge import (
     HedgeInputs,
     HedgeParams,
+    HedgePlan,
     HedgeState,
     enter_hedge,
     hedge_metrics,
@@ -124,6 +125,25 @@ class SimSpec(eqx.Module):
     hedge_every: int = eqx.field(static=True, default=24)  # rebalance period, steps
     hedge_estimator: str = eqx.field(static=True, default="window")  # `hedge.COVARIANCE_ESTIMATORS`
     hedge_window: int = eqx.field(static=True, default=168)  # returns kept for the estimators
+    # A pool over a block of the path model's assets ([[pools]]): their indices in it.
+    market_assets: tuple | None = eqx.field(static=True, default=None)
+    damping_rule: str = eqx.field(static=True, default="fixed")  # `config.DAMPING_RULES`
+    coupling: str = eqx.field(static=True, default="canonical")  # ρ̂ for γ*
+    stream: int = eqx.field(static=True, default=0)  # block b of [[pools]]: its own trader draws
+
+    @property
+    def hedge_plan(self) -> HedgePlan:
+        return HedgePlan(
+            every=self.hedge_every,
+            estimator=self.hedge_estimator,
+            own=self.market_assets,
+            rule=self.damping_rule,
+            coupling=self.coupling,
+        )
+
+    def own_assets(self, x: Array) -> Array:
+        """The pool's entries of a vector over the path model's assets."""
+        return x if self.market_assets is None else x[jnp.asarray(self.market_assets)]
 
     @property
     def dt(self) -> float:
@@ -198,20 +218,20 @@ def init_state(params: Params, model: AbstractPathModel, spec: SimSpec) -> SimSt
             spec.hedge_window,
             init_stats(share_price, spec.num_worst),
             dtype,
+            params.paths.vols.shape[0],
         )
-        if spec.hedge_estimator == "model":
-            r = spec.num_risky
-            hedge = enter_hedge(
-                hedge,
-                params.hedge,
-                pool.prices[:r],
-                pool_delta(pool.prices, pool.reserves, book, r),
-                reserved(book)[0],
-                pool.supply,
-                params.pool.fee,
-                model_covariance(params.paths.vols, params.paths.correlation, spec.dt),
-                spec.hedge_every,
-            )
+        r = spec.num_risky  # the LP is hedged from t = 0 (`hedge.enter_hedge`)
+        hedge = enter_hedge(
+            hedge,
+            params.hedge,
+            pool.prices[:r],
+            pool_delta(pool.prices, pool.reserves, book, r),
+            reserved(book)[0],
+            pool.supply,
+            params.pool.fee,
+            model_covariance(params.paths.vols, params.paths.correlation, spec.dt),
+            spec.hedge_plan,
+        )
     return SimState(
         t=jnp.asarray(0, jnp.int32),
         pool=pool,
@@ -257,7 +277,8 @@ def step(
     aum_before = aum(pool, book, r)
 
     # 1. Oracle.
-    path_state, log_ret = model.step(state.path, params.paths, noise.path)
+    path_state, market_ret = model.step(state.path, params.paths, noise.path)
+    log_ret = spec.own_assets(market_ret)
     growth = jnp.exp(log_ret)
     if spec.has_numeraire:
         growth = jnp.concatenate([growth, jnp.ones((1,), growth.dtype)])
@@ -319,7 +340,7 @@ def step(
         bad_debt = bad_debt + ex.bad_debt
         exit_received, exit_paid = ex.received, ex.paid
         n_exits = ex.count
-        sd = params.paths.vols * jnp.sqrt(spec.dt)
+        sd = spec.own_assets(params.paths.vols) * jnp.sqrt(spec.dt)
         z_ret = log_ret / jnp.where(sd > 0, sd, 1.0)
         notional, lev = trader_demand(
             mp,
@@ -391,7 +412,7 @@ def step(
             HedgeInputs(
                 p_old=p_old[:r],
                 p_new=p_new[:r],
-                log_return=log_ret,
+                log_return=market_ret,
                 funding_rate=gamma,
                 delta=pool_delta(pool.prices, pool.reserves, book, r),
                 lent=reserved(book)[0],
@@ -402,8 +423,7 @@ def step(
                 model_cov=model_covariance(params.paths.vols, params.paths.correlation, spec.dt),
             ),
             state.t if clock is None else clock,
-            every=spec.hedge_every,
-            estimator=spec.hedge_estimator,
+            spec.hedge_plan,
         )
     new = SimState(
         t=state.t + 1,
@@ -453,6 +473,8 @@ def draw_noise(
     """Step t's draws of one pool: a pure function of (pool key, t)."""
     k = jr.fold_in(key, t)
     k_path, k_exit, k_demand, k_lev, k_flow = jr.split(k, 5)
+    if spec.stream:  # pools of one market share the price draws, not the traders'
+        k_exit, k_demand, k_lev, k_flow = jr.split(jr.fold_in(k, spec.stream), 4)
     dtype = model.dtype
     shape = (spec.num_risky, 2)
     return StepNoise(
