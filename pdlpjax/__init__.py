@@ -18,7 +18,16 @@ from .arbitrage import (
     swap_arbitrage_oracle,
     swap_arbitrage_uniswap,
 )
-from .build import make_model, make_params, make_spec
+from .build import make_block, make_model, make_params, make_spec
+from .calibrate import (
+    CalibrationError,
+    calibrate_config,
+    fit,
+    from_value,
+    make_optimizer,
+    objective_value,
+    to_value,
+)
 from .config import Config, ConfigError, config_hash, load_config, resolve_dynamic
 from .data import Closes, DataError, load_closes, log_returns
 from .discount import (
@@ -183,4 +192,12 @@ __all__ = [
     "merged_hedge",
     "schur_complements",
     "split_blocks",
+    "make_block",
+    "CalibrationError",
+    "calibrate_config",
+    "fit",
+    "from_value",
+    "make_optimizer",
+    "objective_value",
+    "to_value",
 ]

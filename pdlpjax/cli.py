@@ -1,6 +1,7 @@
 """Command line: `pdlpjax run|sweep CONFIG [--set section.key=value ...] [--out DIR]`.
 
-`run` simulates a config; `sweep` runs its `[sweep]` grid as one paired comparison.
+`run` simulates a config; `sweep` runs its `[sweep]` grid as one paired comparison;
+`calibrate` fits its `[calibrate]` params by gradient.
 `pdlpjax run|sweep --resume DIR` continues an interrupted run from DIR's checkpoint.
 Errors in the config or its data print one line (`error: ...`) and exit with status 2,
 before anything is compiled; a run in which a pool breaks a numerical guard exits with status 3
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     helps = {
         "run": "simulate a config and write a results folder",
         "sweep": "run the config's [sweep] grid (paired, common random numbers)",
+        "calibrate": "fit the config's [calibrate] params by gradient (optax)",
     }
     for name, text in helps.items():
         run = sub.add_parser(name, help=text)
@@ -61,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep import run_sweep
 
         runner = run_sweep
+    elif args.command == "calibrate":
+        from .calibrate import calibrate_config
+
+        def runner(cfg, out, quiet=False, resume=False):
+            if resume:
+                raise ConfigError("calibrate: --resume is not supported (calibrations are short)")
+            return calibrate_config(cfg, out, quiet=quiet)
     else:
         runner = run_config
     try:
@@ -81,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except SimulationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except RuntimeError as err:  # a calibration's NaN gradient (CalibrationError)
+        if type(err).__name__ != "CalibrationError":
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 3
     except Interrupted as err:

@@ -42,6 +42,8 @@ __all__ = [
     "HedgeConfig",
     "SweepConfig",
     "PoolBlock",
+    "CalibrateConfig",
+    "FreeParam",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -393,6 +395,48 @@ class SweepConfig:
     )
 
 
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """`[calibrate]`: what `pdlpjax calibrate` fits by gradient (ignored by `run`/`sweep`).
+
+    `params` maps dynamic scalar keys to `{ transform = "sigmoid" | "softplus" | "identity",
+    init = x, lo = a, hi = b }` (sigmoid maps onto (lo, hi), default (0, 1); softplus onto
+    (lo, ∞), default lo = 0). Every grid combination of the config is an independent problem;
+    all are fitted at once, vmapped in one compiled program.
+    """
+
+    params: Any = _f(
+        None,
+        type=dict,
+        optional=True,
+        doc='table "section.key" = { transform, init, lo, hi }: the free params',
+    )
+    objective: str = _f(
+        "sharpe",
+        type=str,
+        choices=("sharpe", "certainty_equivalent", "cvar"),
+        doc="maximise the Sharpe ratio | mean − ce_risk_aversion/2 · variance (annualised) | "
+        "mean return + cvar_weight · CVaR(5%)",
+    )
+    target: str = _f(
+        "hedged_lp", type=str, choices=("hedged_lp", "lp"), doc="whose returns: hedged LP or LP"
+    )
+    ce_risk_aversion: float = _f(2.0, lo=0.0, doc="risk aversion of the certainty equivalent")
+    cvar_weight: float = _f(1.0, lo=0.0, doc="weight of the 5% CVaR in the cvar objective")
+    optimizer: str = _f("adam", type=str, choices=("adam", "adamw", "sgd"), doc="optax optimiser")
+    learning_rate: float = _f(0.05, lo=0.0, lo_open=True, doc="step size (in transformed units)")
+    clip_norm: float = _f(0.0, lo=0.0, doc="clip the gradient's global norm to this (0: no clip)")
+    steps: int = _f(50, type=int, lo=1, doc="optimisation steps")
+    batch_pools: int = _f(32, type=int, lo=1, doc="training pools per problem per step")
+    fresh_paths: bool = _f(
+        True, type=bool, doc="new training markets every step (false: one fixed training set)"
+    )
+    validation_pools: int = _f(
+        256, type=int, lo=2, doc="held-out pools per problem (common random numbers)"
+    )
+    validate_every: int = _f(10, type=int, lo=1, doc="validation score every N steps")
+
+
 SECTIONS: dict[str, type] = {
     "market": MarketConfig,
     "paths": PathsConfig,
@@ -401,6 +445,7 @@ SECTIONS: dict[str, type] = {
     "simulation": SimulationConfig,
     "output": OutputConfig,
     "sweep": SweepConfig,
+    "calibrate": CalibrateConfig,
 }
 TOP_LEVEL = ("name", "description")
 ARRAYS = ("pools",)  # arrays of tables: [[pools]]
@@ -435,6 +480,7 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     pools: tuple = ()  # `[[pools]]` blocks; empty: one pool over every asset
 
     @property
@@ -634,7 +680,8 @@ def _build_section(name: str, cls: type, table: dict) -> Any:
             raise ConfigError(f"{name}.{key}: unknown key; expected one of {', '.join(known)}")
         spec = known[key]
         if spec.type is dict:
-            values[key] = _check_sweep_params(f"{name}.{key}", value)
+            check = _check_free_params if name == "calibrate" else _check_sweep_params
+            values[key] = check(f"{name}.{key}", value)
             continue
         check = _check_dynamic if spec.kind == "dynamic" else _check_static
         values[key] = check(f"{name}.{key}", spec, value)
@@ -656,6 +703,60 @@ class Range:
         if self.log:
             return np.exp(rng.uniform(np.log(self.lo), np.log(self.hi), n))
         return rng.uniform(self.lo, self.hi, n)
+
+
+@dataclass(frozen=True)
+class FreeParam:
+    """A parameter fitted by `pdlpjax calibrate`: value = lo + (hi − lo)·sigmoid(θ),
+    lo + softplus(θ), or θ."""
+
+    transform: str = "identity"
+    init: float = 0.0
+    lo: float = 0.0
+    hi: float = 1.0
+
+    def to_toml(self) -> dict:
+        return {"transform": self.transform, "init": self.init, "lo": self.lo, "hi": self.hi}
+
+
+TRANSFORMS = ("sigmoid", "softplus", "identity")
+
+
+def _check_free_params(key: str, table: Any) -> dict:
+    """`[calibrate] params`: dynamic scalar keys with a transform and an initial value."""
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f'{key}: expected a table like {{ "hedge.damping" = {{ init = 0.5 }} }}')
+    out = {}
+    for name, value in table.items():
+        where = f"{key}.{name}"
+        parts = name.split(".")
+        section = SECTIONS.get(parts[0]) if len(parts) == 2 else None
+        spec = specs(section).get(parts[1]) if section is not None else None
+        if spec is None or spec.kind != "dynamic" or spec.rank != 0:
+            raise ConfigError(f"{where}: expected the name of a dynamic scalar field (section.key)")
+        if not isinstance(value, dict) or not set(value) <= {"transform", "init", "lo", "hi"}:
+            raise ConfigError(f"{where}: expected {{ transform, init, lo, hi }} (init required)")
+        transform = value.get("transform", "identity")
+        if transform not in TRANSFORMS:
+            raise ConfigError(f"{where}.transform: expected one of {', '.join(TRANSFORMS)}")
+        nums = {}
+        for k in ("init", "lo", "hi"):
+            if k in value:
+                v = value[k]
+                if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                    raise ConfigError(f"{where}.{k}: expected a finite number, got {_show(v)}")
+                nums[k] = float(v)
+        if "init" not in nums:
+            raise ConfigError(f"{where}.init: expected the initial value")
+        lo, hi = nums.get("lo", 0.0), nums.get("hi", 1.0)
+        init = nums["init"]
+        if transform == "sigmoid" and not lo < init < hi:
+            raise ConfigError(f"{where}.init: expected lo < init < hi = ({lo:g}, {hi:g})")
+        if transform == "softplus" and not init > lo:
+            raise ConfigError(f"{where}.init: expected init > lo = {lo:g}")
+        _check_scalar(f"{where}.init", spec, init)
+        out[name] = FreeParam(transform, init, lo, hi)
+    return out
 
 
 def _check_sweep_params(key: str, table: Any) -> dict:
