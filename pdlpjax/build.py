@@ -95,6 +95,8 @@ def make_spec(cfg: Config) -> SimSpec:
         hedge_estimator=cfg.hedge.covariance,
         hedge_window=cfg.hedge.window,
         damping_rule=cfg.hedge.damping_rule,
+        smooth=cfg.simulation.smooth,
+        temperature=float(cfg.simulation.temperature),
         coupling=cfg.hedge.coupling,
     )
 

@@ -343,6 +343,15 @@ class SimulationConfig:
     identity_tolerance: float = _f(
         1.0e-4, lo=0.0, doc="largest relative accounting-identity violation allowed"
     )
+    smooth: bool = _f(
+        False,
+        type=bool,
+        doc="relax liquidations, trade acceptance, the funding arbitrageur and the funding cap "
+        "(for calibration by gradient; exact mode is the default for run and sweep)",
+    )
+    temperature: float = _f(
+        0.05, lo=0.0, lo_open=True, hi=10.0, doc="temperature of the smooth relaxations"
+    )
     on_invalid: str = _f(
         "stop",
         type=str,

@@ -16,6 +16,7 @@ All functions are pure and unbatched; shapes use r = risky markets, K = cohorts 
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
@@ -31,6 +32,7 @@ __all__ = [
     "unrealised_pnl",
     "open_interest",
     "liquidation_mask",
+    "liquidation_weight",
     "settle",
     "funding_rate",
     "pay_funding",
@@ -113,6 +115,24 @@ def liquidation_mask(book: Book, prices: Float[Array, " r"]) -> Bool[Array, "r 2
     return book.is_open & (loss >= book.margin)
 
 
+def liquidation_weight(
+    book: Book, prices: Float[Array, " r"], temperature: float
+) -> Float[Array, "r 2 k"]:
+    """Smooth mode: the fraction of each open cohort liquidated, sigmoid((loss − c)/(τ c)),
+    which tends to `liquidation_mask` as τ → 0.
+
+    Computed per unit of size (loss/δ and c/δ), which are O(price) whatever the cohort's
+    size: with the plain ratio a cohort worn down to dust by partial liquidations has
+    c² below the smallest float, and its gradient turns into 0 · inf = NaN.
+    """
+    size = jnp.where(book.size > 0, book.size, 1.0)
+    unit_loss = SIGN[None, :, None] * (book.entry - prices[:, None, None])
+    unit_margin = book.margin / size
+    safe = jnp.where(unit_margin > 0, unit_margin, 1.0)
+    weight = jax.nn.sigmoid((unit_loss - unit_margin) / (temperature * safe))
+    return jnp.where(book.is_open & (book.size > 0), weight, 0.0)
+
+
 class Settlement(eqx.Module):
     """Result of closing the cohorts in a mask at the current prices."""
 
@@ -124,13 +144,19 @@ class Settlement(eqx.Module):
     count: Float[Array, ""]
 
 
-def settle(book: Book, mask: Bool[Array, "r 2 k"], prices: Float[Array, " r"]) -> Settlement:
+def settle(
+    book: Book, mask: Bool[Array, "r 2 k"] | Float[Array, "r 2 k"], prices: Float[Array, " r"]
+) -> Settlement:
     """Close the cohorts in `mask` against the pool at `prices`.
 
     A trader's PnL π = sign(η) δ (p − p0). In profit, the pool pays π (a long in tokens of its
     asset, π/p of them, from the tokens reserved for it; a short in numéraire). At a loss the
     pool takes min(−π, c) from the margin in numéraire; the rest, max(−π − c, 0), is bad debt.
+    A float `mask` (smooth mode) closes that fraction of each cohort: size and margin shrink
+    by it, the cohort stays open, and the count adds the fractions.
     """
+    if mask.dtype != jnp.bool_:
+        return _settle_fraction(book, mask, prices)
     p = pnl(book, prices)
     p = jnp.where(mask, p, 0.0)
     margin = jnp.where(mask, book.margin, 0.0)
@@ -152,14 +178,51 @@ def settle(book: Book, mask: Bool[Array, "r 2 k"], prices: Float[Array, " r"]) -
     )
 
 
+def _settle_fraction(
+    book: Book, frac: Float[Array, "r 2 k"], prices: Float[Array, " r"]
+) -> Settlement:
+    p = pnl(book, prices) * frac
+    margin = _open(book, book.margin) * frac
+    gain = jnp.maximum(p, 0.0)
+    taken = jnp.minimum(jnp.maximum(-p, 0.0), margin)
+    bad = jnp.maximum(-p - margin, 0.0)
+    long_tokens_paid = fixed_sum(gain[:, 0], axis=-1) / prices
+    short_paid = fixed_sum(gain[:, 1])
+    numeraire_in = fixed_sum(taken) - short_paid
+    change = jnp.concatenate([-long_tokens_paid, numeraire_in[None]])
+    # A cohort liquidated all but a sliver, or worn down below 1e-9 of the book's notional,
+    # is closed: dust would pile up in the ring, and its size, squared in the gradient,
+    # underflows (0 · inf = NaN).
+    notional = _open(book, book.size * book.entry) * (1.0 - frac)
+    closed = (frac > 1.0 - 1e-3) | (
+        notional < 1e-9 * fixed_sum(_open(book, book.size * book.entry))
+    )
+    keep = jnp.where(closed, 0.0, 1.0 - frac)
+    book = eqx.tree_at(
+        lambda b: (b.size, b.margin, b.is_open),
+        book,
+        (book.size * keep, book.margin * keep, book.is_open & ~closed),
+    )
+    return Settlement(
+        book=book,
+        reserve_change=change,
+        received=fixed_sum(taken),
+        paid=fixed_sum(gain),
+        bad_debt=fixed_sum(bad),
+        count=fixed_sum(frac),
+    )
+
+
 def funding_rate(
     sizes: Float[Array, "r 2"],
     p_new: Float[Array, " r"],
     p_old: Float[Array, " r"],
     kappa: Float[Array, ""],
     cap: Float[Array, ""],
+    smooth: bool = False,
 ) -> Float[Array, " r"]:
-    """Linear funding rate γ_L = κ (L/S − p_{t+1}/p_t) (eq. 2), clamped to [−cap, cap].
+    """Linear funding rate γ_L = κ (L/S − p_{t+1}/p_t) (eq. 2), clamped to [−cap, cap]
+    (`smooth`: cap · tanh(γ/cap), which has a gradient past the cap).
 
     γ > 0: longs pay shorts (the paper's worked example: L = 1000, S = 250 gives 3κ and "longs
     pay shorts"; §2.1's sentence before it states the opposite sign). Zero when either side is
@@ -169,7 +232,12 @@ def funding_rate(
     both = (long_size > 0) & (short_size > 0)
     ratio = long_size / jnp.where(short_size > 0, short_size, 1.0)
     gamma = kappa * (ratio - p_new / p_old)
-    return jnp.where(both, jnp.clip(gamma, -cap, cap), 0.0)
+    if smooth:
+        safe_cap = jnp.where(cap > 0, cap, 1.0)
+        capped = jnp.where(cap > 0, safe_cap * jnp.tanh(gamma / safe_cap), 0.0)
+    else:
+        capped = jnp.clip(gamma, -cap, cap)
+    return jnp.where(both, capped, 0.0)
 
 
 def pay_funding(
@@ -222,6 +290,7 @@ def funding_arbitrage(
     p_new: Float[Array, " r"],
     p_old: Float[Array, " r"],
     fee: Float[Array, ""],
+    temperature: float | None = None,
 ) -> Float[Array, "r 2"]:
     """Size the funding-rate arbitrageur opens on each market and side (eq. 3 and 4).
 
@@ -236,6 +305,17 @@ def funding_arbitrage(
     ratio = p_new / p_old
     want_long = jnp.maximum(short_size * ratio - long_size, 0.0)
     want_short = jnp.maximum(long_size / ratio - short_size, 0.0)
+    if temperature is not None:  # smooth mode: the go/no-go decisions become weights
+        cost_l, gain_l = fee * (long_size + want_long), -gamma * short_size
+        cost_s, gain_s = fee * (short_size + want_short), gamma * long_size
+        scale_l = jnp.maximum(jnp.abs(cost_l) + jnp.abs(gain_l), 1e-30)
+        scale_s = jnp.maximum(jnp.abs(cost_s) + jnp.abs(gain_s), 1e-30)
+        w_long = jax.nn.sigmoid((gain_l - cost_l) / (temperature * scale_l))
+        w_short = jax.nn.sigmoid((gain_s - cost_s) / (temperature * scale_s))
+        # As in `accept_trades`: no dust requests from the sigmoid's tails.
+        w_long = jnp.where(w_long < 1e-6, 0.0, w_long)
+        w_short = jnp.where(w_short < 1e-6, 0.0, w_short)
+        return jnp.stack([w_long * want_long, w_short * want_short], axis=1)
     go_long = (gamma < 0) & (fee * (long_size + want_long) <= -gamma * short_size)
     go_short = (gamma > 0) & (fee * (short_size + want_short) <= gamma * long_size)
     return jnp.stack(
@@ -301,6 +381,7 @@ def accept_trades(
     book: Book,
     max_leverage: Float[Array, ""],
     max_utilisation: Float[Array, ""],
+    temperature: float | None = None,
 ) -> Acceptance:
     """Check trade requests in order and keep the valid ones (Appendix A step 5).
 
@@ -309,8 +390,14 @@ def accept_trades(
     - its leverage breaks the collateral condition p0 δ ≤ η_max c (eq. 1), or
     - it would lift what is lent above `max_utilisation` of the reserves: long tokens of the
       market's asset, or (shorts of every market together) the numéraire.
-    Rejected requests (notional > 0) are counted.
+    Rejected requests (notional > 0) are counted. In smooth mode (`temperature` τ) each
+    check becomes a weight, sigmoid(headroom / (τ · scale)) with the cap or the leverage limit
+    as scale, and that fraction of the request is accepted (the rest counts as rejected).
     """
+    if temperature is not None:
+        return _accept_fraction(
+            requests, prices, reserves, book, max_leverage, max_utilisation, temperature
+        )
     r = prices.shape[0]
     long_res, short_res = reserved(book)
     cap_long = max_utilisation * reserves[:r]
@@ -343,6 +430,46 @@ def accept_trades(
     return Acceptance(size, margin, rejected)
 
 
+def _accept_fraction(
+    requests, prices, reserves, book, max_leverage, max_utilisation, temperature
+) -> Acceptance:
+    r = prices.shape[0]
+    long_res, short_res = reserved(book)
+    cap_long = max_utilisation * reserves[:r]
+    cap_short = max_utilisation * reserves[r]
+    scale_long = jnp.maximum(cap_long, 1e-30)
+    scale_short = jnp.maximum(cap_short, 1e-30)
+    size = jnp.zeros((r, 2), prices.dtype)
+    margin = jnp.zeros((r, 2), prices.dtype)
+    rejected = jnp.zeros((), prices.dtype)
+    long_used, short_used = long_res, short_res
+    for notional, lev in requests:
+        delta = notional / prices[:, None]
+        wants = (notional > 0).astype(prices.dtype)
+        collateral = jax.nn.sigmoid((max_leverage - lev) / (temperature * max_leverage))
+        w_long = (
+            wants[:, 0]
+            * collateral[:, 0]
+            * jax.nn.sigmoid((cap_long - long_used - delta[:, 0]) / (temperature * scale_long))
+        )
+        long_used = long_used + w_long * delta[:, 0]
+        ws = []
+        for i in range(r):
+            head = cap_short - short_used - notional[i, 1]
+            w = wants[i, 1] * collateral[i, 1] * jax.nn.sigmoid(head / (temperature * scale_short))
+            short_used = short_used + w * notional[i, 1]
+            ws.append(w)
+        w_all = jnp.stack([w_long, jnp.stack(ws)], axis=1)
+        # Sigmoid tails would open dust cohorts (1e-150 of a request) whose size, squared in
+        # the gradient, underflows: drop acceptances below one part in a million.
+        w_all = jnp.where(w_all < 1e-6, 0.0, w_all)
+        safe_lev = jnp.where(lev > 0, lev, 1.0)
+        size = size + w_all * jnp.maximum(delta, 0.0)
+        margin = margin + w_all * jnp.maximum(notional, 0.0) * (1.0 / safe_lev)
+        rejected = rejected + jnp.sum(wants - w_all)
+    return Acceptance(size, margin, rejected)
+
+
 def open_cohorts(
     book: Book,
     slot: Int[Array, "r 2"],
@@ -363,7 +490,10 @@ def open_cohorts(
     old_size = jnp.where(merging, book.size, 0.0)
     old_margin = jnp.where(merging, book.margin, 0.0)
     new_size = old_size + size[..., None]
-    entry = (old_size * book.entry + size[..., None] * prices[:, None, None]) * (1.0 / new_size)
+    # A safe divisor where nothing is written: 1/0 there would be masked out of the value
+    # but turn the gradient into NaN (0 · inf).
+    safe_size = jnp.where(new_size > 0, new_size, 1.0)
+    entry = (old_size * book.entry + size[..., None] * prices[:, None, None]) * (1.0 / safe_size)
     new_margin = old_margin + margin[..., None]
     lev = new_size * entry * (1.0 / jnp.where(new_margin > 0, new_margin, 1.0))
     book = Book(

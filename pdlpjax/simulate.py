@@ -49,6 +49,7 @@ from .market import (
     funding_arbitrage,
     funding_rate,
     liquidation_mask,
+    liquidation_weight,
     next_slots,
     open_cohorts,
     open_interest,
@@ -130,6 +131,13 @@ class SimSpec(eqx.Module):
     damping_rule: str = eqx.field(static=True, default="fixed")  # `config.DAMPING_RULES`
     coupling: str = eqx.field(static=True, default="canonical")  # ρ̂ for γ*
     stream: int = eqx.field(static=True, default=0)  # block b of [[pools]]: its own trader draws
+    smooth: bool = eqx.field(static=True, default=False)  # relax discrete events (calibration)
+    temperature: float = eqx.field(static=True, default=0.05)  # of the smooth relaxations
+
+    @property
+    def tau(self) -> float | None:
+        """The relaxations' temperature in smooth mode, None in exact mode."""
+        return self.temperature if self.smooth else None
 
     @property
     def hedge_plan(self) -> HedgePlan:
@@ -265,6 +273,9 @@ def step(
        arbitrageur (eq. 3, 4) open positions that pass the collateral condition (eq. 1) and
        the solvency requirement (a full cohort ring merges the new trade into its newest
        cohort).
+    With `spec.smooth`, liquidations, trade acceptance, the funding arbitrageur's decision and
+    the funding cap are relaxed with temperature `spec.temperature` (see `market`), so
+    pathwise gradients see them; the target-weight and swap arbitrage gates stay exact.
     In `passive` mode only step 1 runs, with reserves optionally reset to the target weights.
     The accounting identity is checked every step (`Accounts.identity_error`). With
     `spec.hedge`, the hedged LP then updates (`hedge.hedge_step`). `clock` is this step's
@@ -302,11 +313,16 @@ def step(
         pr, pr_old = p_new[:r], p_old[:r]
         mp, pp = params.market, params.pool
         # 2. Liquidations.
-        liq = settle(book, liquidation_mask(book, pr), pr)
+        if spec.smooth:
+            liq = settle(book, liquidation_weight(book, pr, spec.temperature), pr)
+        else:
+            liq = settle(book, liquidation_mask(book, pr), pr)
         book, reserves = liq.book, reserves + liq.reserve_change
         liq_margin, liq_count, bad_debt = liq.received, liq.count, liq.bad_debt
         # 3. Funding on the positions of the previous period.
-        gamma = funding_rate(side_sizes(book), pr, pr_old, mp.funding_kappa, mp.funding_cap)
+        gamma = funding_rate(
+            side_sizes(book), pr, pr_old, mp.funding_kappa, mp.funding_cap, spec.smooth
+        )
         book, funding = pay_funding(book, gamma, pr)
         # 4. Lending fees.
         book, fees = charge_fees(book, pr, pp.fee)
@@ -351,7 +367,7 @@ def step(
             noise.z_demand,
             noise.z_leverage,
         )
-        arb = funding_arbitrage(side_sizes(book), gamma, pr, pr_old, pp.fee)
+        arb = funding_arbitrage(side_sizes(book), gamma, pr, pr_old, pp.fee, spec.tau)
         arb_notional = jnp.where(mp.arb_leverage > 0, arb * pr[:, None], 0.0)
         arb_lev = jnp.broadcast_to(mp.arb_leverage, arb.shape)
         ok = accept_trades(
@@ -361,6 +377,7 @@ def step(
             book,
             mp.max_leverage,
             pp.max_utilisation,
+            spec.tau,
         )
         slot, merge = next_slots(book)
         book, n_open, n_merged = open_cohorts(book, slot, merge, ok.size, ok.margin, pr, state.t)
