@@ -518,7 +518,7 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         any_free = free.any(-1)
         slot = np.where(any_free, free.argmax(-1), book.opened_at.argmax(-1))
         k = np.arange(spec.num_cohorts)
-        write = (k == slot[..., None]) & (new_size > 0)[..., None]
+        write = (k == slot[..., None]) & (new_size * pr[:, :, None] >= 1e-12)[..., None]
         merging = write & ~any_free[..., None] & book.is_open
         old_size = np.where(merging, book.size, 0.0)
         size = old_size + new_size[..., None]

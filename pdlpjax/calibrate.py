@@ -57,6 +57,7 @@ __all__ = [
     "from_value",
     "objective_value",
     "make_optimizer",
+    "clip_rows",
     "fit",
     "calibrate_config",
 ]
@@ -67,7 +68,8 @@ class CalibrationError(RuntimeError):
 
 
 def to_value(theta: Float[Array, "*b"], p: FreeParam) -> Float[Array, "*b"]:
-    """The param's value from its unconstrained coordinate θ (always inside its bounds)."""
+    """The param's value from its unconstrained coordinate θ: inside its bounds (in float32
+    it can round onto a bound once |θ| is large: sigmoid(θ) is 1 for θ ≥ 16.7)."""
     if p.transform == "sigmoid":
         return p.lo + (p.hi - p.lo) * jax.nn.sigmoid(theta)
     if p.transform == "softplus":
@@ -110,11 +112,24 @@ def objective_value(
     raise ValueError(f"unknown objective {kind!r}")
 
 
+def clip_rows(max_norm: float) -> optax.GradientTransformation:
+    """Clip each row of a (problems, params) update to norm `max_norm`: unlike
+    `optax.clip_by_global_norm`, one problem's gradient never rescales another's."""
+
+    def clip(updates, params=None):
+        norms = jnp.sqrt(jnp.sum(updates**2, axis=-1, keepdims=True))
+        tiny = jnp.finfo(updates.dtype).tiny
+        return updates * jnp.minimum(1.0, max_norm / jnp.maximum(norms, tiny))
+
+    return optax.stateless(clip)
+
+
 def make_optimizer(name: str, learning_rate: float, clip_norm: float = 0.0):
-    """An optax optimiser by name ("adam", "adamw", "sgd"), optionally after global-norm
-    clipping."""
+    """An optax optimiser by name ("adam", "adamw", "sgd"), optionally after clipping each
+    problem's gradient norm (`clip_rows`). Adam's and SGD's updates are elementwise, so the
+    problems of a (problems, params) θ stay independent."""
     base = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[name](learning_rate)
-    return optax.chain(optax.clip_by_global_norm(clip_norm), base) if clip_norm > 0 else base
+    return optax.chain(clip_rows(clip_norm), base) if clip_norm > 0 else base
 
 
 def fit(

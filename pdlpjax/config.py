@@ -764,6 +764,25 @@ def _check_free_params(key: str, table: Any) -> dict:
         if transform == "softplus" and not init > lo:
             raise ConfigError(f"{where}.init: expected init > lo = {lo:g}")
         _check_scalar(f"{where}.init", spec, init)
+        # The transform must keep every value inside the field's own range.
+        if transform == "sigmoid":
+            if spec.lo is not None and lo < spec.lo:
+                raise ConfigError(f"{where}.lo: expected at least {name}'s minimum {spec.lo:g}")
+            if spec.hi is not None and hi > spec.hi:
+                raise ConfigError(f"{where}.hi: expected at most {name}'s maximum {spec.hi:g}")
+            if not lo < hi:
+                raise ConfigError(f"{where}: expected lo < hi")
+        elif transform == "softplus":
+            if spec.hi is not None:
+                raise ConfigError(
+                    f"{where}.transform: {name} has a maximum ({spec.hi:g}): use sigmoid"
+                )
+            if spec.lo is not None and lo < spec.lo:
+                raise ConfigError(f"{where}.lo: expected at least {name}'s minimum {spec.lo:g}")
+        elif spec.lo is not None or spec.hi is not None:
+            raise ConfigError(
+                f"{where}.transform: {name} is bounded: use sigmoid or softplus, not identity"
+            )
         out[name] = FreeParam(transform, init, lo, hi)
     return out
 

@@ -40,6 +40,9 @@ __all__ = [
     "funding_arbitrage",
 ]
 
+# Trades below this notional (numéraire) are not opened (see `open_cohorts`).
+DUST_NOTIONAL = 1e-12
+
 # +1 for longs, −1 for shorts: sign(η).
 SIGN = jnp.array([1.0, -1.0])
 
@@ -479,23 +482,27 @@ def open_cohorts(
     prices: Float[Array, " r"],
     t: Int[Array, ""],
 ) -> tuple[Book, Float[Array, ""], Float[Array, ""]]:
-    """Write one new cohort per market and side at `slot` (where its size is > 0), merging
+    """Write one new cohort per market and side at `slot` (where its notional is at least
+    `DUST_NOTIONAL`), merging
     into the open cohort there when `merge` (see `next_slots`).
 
     **Returns:** the book, the number of cohorts written and the number of those merged.
     """
     k = jnp.arange(book.size.shape[-1])
-    write = (k == slot[..., None]) & (size > 0)[..., None]
+    # Trades under DUST_NOTIONAL numéraire are not written: they change no figure that
+    # matters, and a cohort of, say, 1e-190 tokens (demand × exp(−elasticity·f·year) at a
+    # high fee) has a size whose square underflows in the gradient (0 · inf = NaN).
+    write = (k == slot[..., None]) & (size * prices[:, None] >= DUST_NOTIONAL)[..., None]
     merging = write & merge[..., None] & book.is_open
     old_size = jnp.where(merging, book.size, 0.0)
     old_margin = jnp.where(merging, book.margin, 0.0)
     new_size = old_size + size[..., None]
     # A safe divisor where nothing is written: 1/0 there would be masked out of the value
     # but turn the gradient into NaN (0 · inf).
-    safe_size = jnp.where(new_size > 0, new_size, 1.0)
+    safe_size = jnp.where(write, new_size, 1.0)
     entry = (old_size * book.entry + size[..., None] * prices[:, None, None]) * (1.0 / safe_size)
     new_margin = old_margin + margin[..., None]
-    lev = new_size * entry * (1.0 / jnp.where(new_margin > 0, new_margin, 1.0))
+    lev = new_size * entry * (1.0 / jnp.where(write & (new_margin > 0), new_margin, 1.0))
     book = Book(
         size=jnp.where(write, new_size, book.size),
         entry=jnp.where(write, entry, book.entry),

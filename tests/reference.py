@@ -596,11 +596,12 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
                     if kind == "arb":
                         st.events["arb_opened"] += 1
 
-        # 6e. One new cohort per market and side: the first free slot, else merged into the
-        # ring's newest cohort (size-weighted entry price, margins added).
+        # 6e. One new cohort per market and side (if its notional is at least 1e-12): the
+        # first free slot, else merged into the ring's newest cohort (size-weighted entry
+        # price, margins added).
         for i in range(r):
             for s in (LONG, SHORT):
-                if not new_size[i, s] > 0:
+                if not new_size[i, s] * p_new[i] >= 1e-12:  # market.DUST_NOTIONAL
                     continue
                 ring = st.book[i][s]
                 size, margin = new_size[i, s], new_margin[i, s]
