@@ -311,8 +311,12 @@ def funding_arbitrage(
     if temperature is not None:  # smooth mode: the go/no-go decisions become weights
         cost_l, gain_l = fee * (long_size + want_long), -gamma * short_size
         cost_s, gain_s = fee * (short_size + want_short), gamma * long_size
-        scale_l = jnp.maximum(jnp.abs(cost_l) + jnp.abs(gain_l), 1e-30)
-        scale_s = jnp.maximum(jnp.abs(cost_s) + jnp.abs(gain_s), 1e-30)
+        # Where both are 0 (an empty side) the scale is 1: a floor like 1e-30 would square
+        # to 0 in float32 in the gradient (0 · inf = NaN).
+        scale_l = jnp.abs(cost_l) + jnp.abs(gain_l)
+        scale_s = jnp.abs(cost_s) + jnp.abs(gain_s)
+        scale_l = jnp.where(scale_l > 0, scale_l, 1.0)
+        scale_s = jnp.where(scale_s > 0, scale_s, 1.0)
         w_long = jax.nn.sigmoid((gain_l - cost_l) / (temperature * scale_l))
         w_short = jax.nn.sigmoid((gain_s - cost_s) / (temperature * scale_s))
         # As in `accept_trades`: no dust requests from the sigmoid's tails.
@@ -440,8 +444,8 @@ def _accept_fraction(
     long_res, short_res = reserved(book)
     cap_long = max_utilisation * reserves[:r]
     cap_short = max_utilisation * reserves[r]
-    scale_long = jnp.maximum(cap_long, 1e-30)
-    scale_short = jnp.maximum(cap_short, 1e-30)
+    scale_long = jnp.where(cap_long > 0, cap_long, 1.0)
+    scale_short = jnp.where(cap_short > 0, cap_short, 1.0)
     size = jnp.zeros((r, 2), prices.dtype)
     margin = jnp.zeros((r, 2), prices.dtype)
     rejected = jnp.zeros((), prices.dtype)

@@ -28,7 +28,16 @@ import numpy as np
 import tomli_w
 
 from . import _io
-from .config import Config, ConfigError, Grid, Range, config_hash, config_to_dict, resolve_dynamic
+from .config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    Grid,
+    Range,
+    config_hash,
+    config_to_dict,
+    resolve_dynamic,
+)
 from .metrics import mean_ci
 
 __all__ = ["sweep_config", "run_sweep", "paired_difference", "SWEEP_CHECKPOINT"]
@@ -70,12 +79,13 @@ def sweep_config(cfg: Config) -> tuple[Config, list[dict]]:
             # The draws become one grid axis of `draws` values zipped together: a per-pool
             # list with each combination repeated `replicates` times.
             sections.setdefault(sec, {})[key] = tuple(v for v in vals for _ in range(sw.replicates))
-    existing = 1
-    for sec_name in sections:
+    existing = 1  # grids of the config itself, on keys the sweep does not set
+    for sec_name in SECTIONS:
         section = getattr(cfg, sec_name)
         for f in dataclasses.fields(section):
-            if isinstance(getattr(section, f.name), Grid) and f.name not in sections[sec_name]:
-                existing *= len(getattr(section, f.name).values)
+            value = getattr(section, f.name)
+            if isinstance(value, Grid) and f.name not in sections.get(sec_name, {}):
+                existing *= len(value.values)
     if existing > 1 and sw.draws:
         raise ConfigError("sweep.draws: random sweeps cannot combine with grids in the config")
     changes = {

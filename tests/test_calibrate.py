@@ -839,3 +839,17 @@ def test_config_error_cli_exits_2(tmp_path, capsys):
 def test_transform_range_outside_field_range_errors(param):
     with pytest.raises(ConfigError):
         config_from_dict(_raw_with(param))
+
+
+def test_smooth_funding_arbitrage_gradient_is_finite_in_float32():
+    """An empty book gives the smooth arbitrageur a zero scale; its floor must not square
+    to zero in float32 (it once made every float32 smooth calibration stop at step 0)."""
+    from pdlpjax.market import funding_arbitrage
+
+    sizes, gamma = jnp.zeros((1, 2), jnp.float32), jnp.zeros((1,), jnp.float32)
+    p_new, p_old = jnp.array([101.0], jnp.float32), jnp.array([100.0], jnp.float32)
+
+    def total(fee):
+        return funding_arbitrage(sizes, gamma, p_new, p_old, fee, 0.5).sum()
+
+    assert np.isfinite(float(jax.grad(total)(jnp.float32(5e-5))))

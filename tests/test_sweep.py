@@ -183,3 +183,13 @@ def test_cli_sweep_errors_are_one_line(tmp_path, capsys):
     cfg.write_text("[simulation]\nnum_pools = 4\n")
     assert cli.main(["sweep", str(cfg), "--quiet"]) == 2
     assert "sweep.params" in capsys.readouterr().err
+
+
+def test_grids_of_the_config_multiply_the_sweep():
+    """A grid the config sets on a key the sweep does not touch (here in [market]) is one
+    more axis: every combination still gets `replicates` pools."""
+    cfg = _cfg(market__fee_elasticity={"grid": [0.5, 2.0]})
+    run, combos = P.sweep_config(cfg)
+    assert len(combos) == 8 and run.simulation.num_pools == 8 * 24
+    values, _ = P.resolve_dynamic(run)
+    assert sorted(set(values["market"]["fee_elasticity"].tolist())) == [0.5, 2.0]
