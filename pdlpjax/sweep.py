@@ -56,6 +56,8 @@ def sweep_config(cfg: Config) -> tuple[Config, list[dict]]:
     sw = cfg.sweep
     if not sw.params:
         raise ConfigError('sweep.params: a sweep needs at least one swept key, e.g. "pool.fee"')
+    if cfg.pools:
+        raise ConfigError("sweep: configs with [[pools]] blocks cannot be swept yet (use run)")
     if cfg.paths.antithetic and sw.replicates % 2:
         raise ConfigError(
             f"sweep.replicates: antithetic pairs need an even number, got {sw.replicates}"

@@ -193,3 +193,13 @@ def test_grids_of_the_config_multiply_the_sweep():
     assert len(combos) == 8 and run.simulation.num_pools == 8 * 24
     values, _ = P.resolve_dynamic(run)
     assert sorted(set(values["market"]["fee_elasticity"].tolist())) == [0.5, 2.0]
+
+
+def test_block_configs_are_refused():
+    raw = json.loads(json.dumps(BASE))
+    raw["market"] = {"assets": ["BTC", "ETH"], "initial_prices": [60000.0, 3000.0]}
+    raw["paths"] = {"vols": [0.8, 0.9], "correlation": [[1.0, 0.5], [0.5, 1.0]]}
+    raw["pool"] = {"fee": 5.0e-5}
+    raw["pools"] = [{"assets": ["BTC"]}, {"assets": ["ETH"]}]
+    with pytest.raises(ConfigError, match=r"\[\[pools\]\] blocks cannot be swept"):
+        P.sweep_config(config_from_dict(raw))
