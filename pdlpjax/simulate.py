@@ -124,7 +124,7 @@ class SimSpec(eqx.Module):
     mask_invalid: bool = eqx.field(static=True, default=False)  # freeze pools that broke a guard
     hedge: bool = eqx.field(static=True, default=False)  # simulate the delta-hedged LP (§4)
     hedge_every: int = eqx.field(static=True, default=24)  # rebalance period, steps
-    hedge_estimator: str = eqx.field(static=True, default="window")  # `hedge.COVARIANCE_ESTIMATORS`
+    hedge_estimator: str = eqx.field(static=True, default="window")  # config.COVARIANCE_ESTIMATORS
     hedge_window: int = eqx.field(static=True, default=168)  # returns kept for the estimators
     # A pool over a block of the path model's assets ([[pools]]): their indices in it.
     market_assets: tuple | None = eqx.field(static=True, default=None)
@@ -141,6 +141,7 @@ class SimSpec(eqx.Module):
 
     @property
     def hedge_plan(self) -> HedgePlan:
+        """The hedged LP's static settings (`hedge.HedgePlan`)."""
         return HedgePlan(
             every=self.hedge_every,
             estimator=self.hedge_estimator,
