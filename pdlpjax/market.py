@@ -160,9 +160,21 @@ def settle(
     """
     if mask.dtype != jnp.bool_:
         return _settle_fraction(book, mask, prices)
-    p = pnl(book, prices)
-    p = jnp.where(mask, p, 0.0)
+    p = jnp.where(mask, pnl(book, prices), 0.0)
     margin = jnp.where(mask, book.margin, 0.0)
+    book = eqx.tree_at(lambda b: b.is_open, book, book.is_open & ~mask)
+    return _settlement(book, p, margin, prices, jnp.sum(mask).astype(prices.dtype))
+
+
+def _settlement(
+    book: Book,
+    p: Float[Array, "r 2 k"],
+    margin: Float[Array, "r 2 k"],
+    prices: Float[Array, " r"],
+    count: Float[Array, ""],
+) -> Settlement:
+    """The pool's side of closing positions with PnL `p` and margin `margin` (zero where
+    nothing closes); `book` is the book after the closing."""
     gain = jnp.maximum(p, 0.0)
     taken = jnp.minimum(jnp.maximum(-p, 0.0), margin)
     bad = jnp.maximum(-p - margin, 0.0)
@@ -170,14 +182,13 @@ def settle(
     short_paid = fixed_sum(gain[:, 1])
     numeraire_in = fixed_sum(taken) - short_paid
     change = jnp.concatenate([-long_tokens_paid, numeraire_in[None]])
-    book = eqx.tree_at(lambda b: b.is_open, book, book.is_open & ~mask)
     return Settlement(
         book=book,
         reserve_change=change,
         received=fixed_sum(taken),
         paid=fixed_sum(gain),
         bad_debt=fixed_sum(bad),
-        count=jnp.sum(mask).astype(prices.dtype),
+        count=count,
     )
 
 
@@ -186,34 +197,18 @@ def _settle_fraction(
 ) -> Settlement:
     p = pnl(book, prices) * frac
     margin = _open(book, book.margin) * frac
-    gain = jnp.maximum(p, 0.0)
-    taken = jnp.minimum(jnp.maximum(-p, 0.0), margin)
-    bad = jnp.maximum(-p - margin, 0.0)
-    long_tokens_paid = fixed_sum(gain[:, 0], axis=-1) / prices
-    short_paid = fixed_sum(gain[:, 1])
-    numeraire_in = fixed_sum(taken) - short_paid
-    change = jnp.concatenate([-long_tokens_paid, numeraire_in[None]])
     # A cohort liquidated all but a sliver, or worn down below 1e-9 of the book's notional,
     # is closed: dust would pile up in the ring, and its size, squared in the gradient,
     # underflows (0 · inf = NaN).
-    notional = _open(book, book.size * book.entry) * (1.0 - frac)
-    closed = (frac > 1.0 - 1e-3) | (
-        notional < 1e-9 * fixed_sum(_open(book, book.size * book.entry))
-    )
+    notional = _open(book, book.size * book.entry)
+    closed = (frac > 1.0 - 1e-3) | (notional * (1.0 - frac) < 1e-9 * fixed_sum(notional))
     keep = jnp.where(closed, 0.0, 1.0 - frac)
-    book = eqx.tree_at(
+    after = eqx.tree_at(
         lambda b: (b.size, b.margin, b.is_open),
         book,
         (book.size * keep, book.margin * keep, book.is_open & ~closed),
     )
-    return Settlement(
-        book=book,
-        reserve_change=change,
-        received=fixed_sum(taken),
-        paid=fixed_sum(gain),
-        bad_debt=fixed_sum(bad),
-        count=fixed_sum(frac),
-    )
+    return _settlement(after, p, margin, prices, fixed_sum(frac))
 
 
 def funding_rate(

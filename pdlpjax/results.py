@@ -167,20 +167,27 @@ def _save_checkpoint(out: Path, cfg: Config, done: int, state, records: list) ->
     _io.write_bytes(out / CHECKPOINT, buf.getvalue())
 
 
-def _load_checkpoint(out: Path, cfg: Config) -> tuple[int, list, list]:
-    """(done, state leaves, records) from `out/checkpoint.npz`; checks it is this config's."""
-    from .simulate import Record
-
-    path = out / CHECKPOINT
+def read_checkpoint(out: Path, name: str, cfg: Config) -> dict[str, np.ndarray]:
+    """The arrays of `out/name` (an .npz written with a `config_hash`); a `ConfigError` if
+    it is missing, unreadable or belongs to another config."""
+    path = out / name
     if not path.is_file():
-        raise ConfigError(f"--resume {out}: no {CHECKPOINT} (nothing to resume)")
+        raise ConfigError(f"--resume {out}: no {name} (nothing to resume)")
     try:
         with np.load(path) as z:
             data = {k: z[k] for k in z.files}
     except (OSError, ValueError) as err:
-        raise ConfigError(f"--resume {out}: unreadable {CHECKPOINT} ({err})") from None
+        raise ConfigError(f"--resume {out}: unreadable {name} ({err})") from None
     if str(data["config_hash"]) != config_hash(cfg):
-        raise ConfigError(f"--resume {out}: {CHECKPOINT} belongs to another config")
+        raise ConfigError(f"--resume {out}: {name} belongs to another config")
+    return data
+
+
+def _load_checkpoint(out: Path, cfg: Config) -> tuple[int, list, list]:
+    """(done, state leaves, records) from `out/checkpoint.npz`; checks it is this config's."""
+    from .simulate import Record
+
+    data = read_checkpoint(out, CHECKPOINT, cfg)
     leaves = [data[k] for k in sorted(k for k in data if k.startswith("state_"))]
     records = []
     if "record_share_price" in data:

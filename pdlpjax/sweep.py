@@ -372,16 +372,9 @@ def _save(out: Path, cfg: Config, done: list[dict]) -> None:
 
 
 def _load(out: Path, cfg: Config) -> list[dict]:
-    path = out / SWEEP_CHECKPOINT
-    if not path.is_file():
-        raise ConfigError(f"--resume {out}: no {SWEEP_CHECKPOINT} (nothing to resume)")
-    try:
-        with np.load(path) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"--resume {out}: unreadable {SWEEP_CHECKPOINT} ({err})") from None
-    if str(data["config_hash"]) != config_hash(cfg):
-        raise ConfigError(f"--resume {out}: {SWEEP_CHECKPOINT} belongs to another config")
+    from .results import read_checkpoint
+
+    data = read_checkpoint(out, SWEEP_CHECKPOINT, cfg)
     done = []
     for i in range(int(data["batches"])):
         prefix = f"b{i:05d}_"
