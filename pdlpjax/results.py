@@ -215,7 +215,12 @@ def _write_diagnostic(out: Path, err) -> Path:
 
 def _num_devices(cfg: Config) -> int:
     """`simulation.devices` resolved: "all" or 0 mean every visible device that divides the
-    pools. Multi-host runs call `jax.distributed.initialize()` first (README, Scale-out)."""
+    pools. One process only: multi-host runs go through `simulate` (README, Scale-out)."""
+    if jax.process_count() > 1:
+        raise ConfigError(
+            f"pdlpjax run/sweep run in one process, not {jax.process_count()}: for a multi-host "
+            "run call pdlpjax.simulate(..., num_devices=N) in every process (README, Scale-out)"
+        )
     n = cfg.simulation.devices
     available = len(jax.devices())
     if n in ("all", 0):

@@ -681,9 +681,31 @@ def _signature(args) -> tuple:
 
 
 def _shard_pools(tree: Any, num_devices: int) -> Any:
-    """Place every leaf's leading (pool) axis across the first `num_devices` devices."""
-    spec = jax.sharding.NamedSharding(_mesh(num_devices), jax.sharding.PartitionSpec("pools"))
-    return jax.device_put(tree, spec)
+    """Place every leaf's leading (pool) axis across the first `num_devices` devices.
+
+    With several processes (`jax.distributed.initialize`), every process holds the whole
+    host array (same config, same seed) and hands each of its own devices its slice.
+    """
+    sharding = jax.sharding.NamedSharding(_mesh(num_devices), jax.sharding.PartitionSpec("pools"))
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jr.wrap_key_data(put(jr.key_data(x)), impl=jr.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+    return jtu.tree_map(put, tree)
+
+
+def _host(x: Array) -> np.ndarray:
+    """`x` as a NumPy array on this process, gathered from every process if it spans several."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _compiled(fn: Callable, args: tuple, **static: Any) -> tuple[Callable, float]:
@@ -786,13 +808,13 @@ def simulate(
         t_run += dt
         chunk_seconds.append(dt)
         if rec is not None:
-            records.append(jtu.tree_map(lambda x, n=length // unit: np.asarray(x[:, :n]), rec))
+            records.append(jtu.tree_map(lambda x, n=length // unit: _host(x)[:, :n], rec))
         done += length
-        invalid = np.asarray(state.accounts.invalid_step)
+        invalid = _host(state.accounts.invalid_step)
         if not spec.mask_invalid and np.any(invalid >= 0):
             bad = np.flatnonzero(invalid >= 0)
             first = int(bad[np.argmin(invalid[bad])])
-            code = float(np.asarray(state.accounts.invalid_code)[first])
+            code = float(_host(state.accounts.invalid_code)[first])
             raise InvalidPoolError(first, int(invalid[first]), code, state)
         if progress is not None:
             progress(done, num_steps, t_run, compile_s)
@@ -805,9 +827,9 @@ def simulate(
         )
     if spec.hedge:
         metrics |= hedge_metrics(state.hedge, metrics["sharpe"], spec.steps_per_year)
-    invalid = np.asarray(state.accounts.invalid_step) >= 0  # one transfer, not one per metric
+    invalid = _host(state.accounts.invalid_step) >= 0  # one transfer, not one per metric
     masked = np.flatnonzero(invalid)
-    metrics = {k: np.where(invalid, np.nan, np.asarray(v)) for k, v in metrics.items()}
+    metrics = {k: np.where(invalid, np.nan, _host(v)) for k, v in metrics.items()}
     record = None
     if records:
         record = jtu.tree_map(lambda *xs: np.concatenate(xs, axis=1), *records)

@@ -304,3 +304,89 @@ def test_four_devices_agree_with_one():
         check=True,
     )
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-12
+
+
+_PROCESS_SCRIPT = """
+import sys
+import jax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+config, port, rank, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=rank)
+import numpy as np, pdlpjax as P
+cfg = P.load_config(config, ["simulation.num_pools=8", "simulation.num_steps=48",
+                             "simulation.chunk_length=24", 'simulation.dtype="float64"'])
+args = (P.make_params(cfg), P.make_model(cfg), P.make_spec(cfg))
+assert len(jax.devices()) == 2 and len(jax.local_devices()) == 1
+res = P.simulate(*args, seed=0, num_steps=48, chunk_length=24, num_devices=2)
+np.savez(out, **res.metrics)
+try:  # the CLI's runs are single-process and say so
+    P.results._num_devices(cfg)
+    raise SystemExit("pdlpjax run accepted two processes")
+except P.ConfigError as e:
+    assert "one process" in str(e)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_one(tmp_path):
+    """Multi-host: two processes joined by `jax.distributed.initialize` (one CPU device each)
+    shard the pools between them; each gets every pool's metrics, equal to one process's
+    to rounding (the same bound as the 4-device test)."""
+    config = str(QUICKSTART)
+    port = str(_free_port())
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _PROCESS_SCRIPT,
+                config,
+                port,
+                str(rank),
+                str(tmp_path / f"{rank}.npz"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    with jax.enable_x64(True):
+        cfg = P.load_config(
+            config,
+            [
+                "simulation.num_pools=8",
+                "simulation.num_steps=48",
+                "simulation.chunk_length=24",
+                'simulation.dtype="float64"',
+            ],
+        )
+        one = P.simulate(
+            P.make_params(cfg),
+            P.make_model(cfg),
+            P.make_spec(cfg),
+            seed=0,
+            num_steps=48,
+            chunk_length=24,
+        ).metrics
+    got = [np.load(tmp_path / f"{rank}.npz") for rank in range(2)]
+    for key, x in one.items():
+        if key == "identity_error":  # the size of rounding noise
+            continue
+        for g in got:
+            np.testing.assert_allclose(g[key], x, rtol=1e-12, atol=1e-12, err_msg=key)
