@@ -363,9 +363,13 @@ def test_two_processes_agree_with_one(tmp_path):
         )
         for rank in range(2)
     ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+    finally:  # a failed process leaves its peer waiting for it
+        for p in procs:
+            p.kill()
     with jax.enable_x64(True):
         cfg = P.load_config(
             config,
