@@ -16,6 +16,8 @@ numéraire (called `risk_aversion` in code; the papers' "γ").
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,7 @@ __all__ = [
     "HedgeParams",
     "HedgeState",
     "HedgeInputs",
+    "Exposure",
     "Moments",
     "variance",
     "init_hedge",
@@ -311,12 +314,18 @@ class HedgeInputs(eqx.Module):
     p_new: Float[Array, " r"]
     log_return: Float[Array, " n"]  # this step's log returns of all the market's assets
     funding_rate: Float[Array, " r"]  # γ_L per market this step (> 0: longs pay)
-    delta: Float[Array, " r"]  # ∂AUM/∂p of the pool after the step (tokens)
-    lent: Float[Array, " r"]  # tokens lent (reserved for longs) after the step
     share_price_old: Float[Array, ""]
     share_price_new: Float[Array, ""]
     supply: Float[Array, ""]
     fee: Float[Array, ""]  # the pool's lending fee per step
+
+
+class Exposure(eqx.Module):
+    """What a rebalance needs of the pool after the step (one pool); `hedge_step` asks for
+    it only on rebalancing steps."""
+
+    delta: Float[Array, " r"]  # ∂AUM/∂p of the pool (tokens)
+    lent: Float[Array, " r"]  # tokens lent (reserved for longs)
     model_cov: Float[Array, "n n"]  # per-step log-return covariance of the path model
 
 
@@ -489,6 +498,7 @@ def hedge_step(
     x: HedgeInputs,
     t: Int[Array, ""],
     plan: HedgePlan,
+    exposure: Callable[[], Exposure],
 ) -> HedgeState:
     """One step of the hedged LP (Chitra et al. §4), after the pool's own step.
 
@@ -499,7 +509,8 @@ def hedge_step(
        estimate is usable, the LP moves to eq. 12's π (`_rebalance`). It pays `cost` ×
        |traded notional|.
     The hedged wealth is shares × share price + cash; its returns go into `stats`. The LP
-    is hedged from t = 0 (`enter_hedge`).
+    is hedged from t = 0 (`enter_hedge`). `exposure()` is called inside the rebalancing
+    branch, so the pool's delta (a gradient through the whole book) is taken only there.
     """
     pnl = fixed_sum(state.position * (x.p_new - x.p_old))
     funding = fixed_sum(x.funding_rate * state.position * x.p_new)
@@ -507,12 +518,13 @@ def hedge_step(
     held_value = state.position * x.p_new
 
     def rebalance(_):
-        log_cov, ready = estimate_covariance(plan.estimator, cov_state, x.model_cov)
+        e = exposure()
+        log_cov, ready = estimate_covariance(plan.estimator, cov_state, e.model_cov)
         own = state.shares * (1.0 / x.supply)
         return _rebalance(
             held_value,
-            own * x.delta * x.p_new,
-            own * x.lent * x.p_new,
+            own * e.delta * x.p_new,
+            own * e.lent * x.p_new,
             x.fee,
             log_cov,
             ready,

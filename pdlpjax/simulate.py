@@ -29,6 +29,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._numerics import fixed_sum
 from .hedge import (
+    Exposure,
     HedgeInputs,
     HedgeParams,
     HedgePlan,
@@ -432,16 +433,18 @@ def step(
                 p_new=p_new[:r],
                 log_return=market_ret,
                 funding_rate=gamma,
-                delta=pool_delta(pool.prices, pool.reserves, book, r),
-                lent=reserved(book)[0],
                 share_price_old=state.stats.value,
                 share_price_new=stats.value,
                 supply=pool.supply,
                 fee=params.pool.fee,
-                model_cov=model_covariance(params.paths.vols, params.paths.correlation, spec.dt),
             ),
             state.t if clock is None else clock,
             spec.hedge_plan,
+            lambda: Exposure(
+                delta=pool_delta(pool.prices, pool.reserves, book, r),
+                lent=reserved(book)[0],
+                model_cov=model_covariance(params.paths.vols, params.paths.correlation, spec.dt),
+            ),
         )
     new = SimState(
         t=state.t + 1,
