@@ -263,6 +263,28 @@ class Settings:
         )
 
 
+def model_fields(m: dict, sim: dict) -> dict:
+    """The `[model]` and shared `[simulation]` settings as plain values (also read by
+    `calibrate_gamma.py`, which runs the same cells)."""
+    return dict(
+        fee=float(m["fee"]),
+        risk_aversion=float(m["risk_aversion"]),
+        lent_fraction=float(m["lent_fraction"]),
+        delta=float(m["delta"]),
+        blocks=tuple((int(b[0]), int(b[1])) for b in sim["blocks"]),
+        rhos=tuple(float(r) for r in sim["rhos"]),
+        ns=tuple(sorted(int(n) for n in sim["ns"])),
+        vol_pool1=float(sim["vol_pool1"]),
+        vol_pool2=float(sim["vol_pool2"]),
+        within_corr=float(sim["within_corr"]),
+        test_reps=int(sim["test_reps"]),
+        validation_reps=int(sim["validation_reps"]),
+        gamma_grid=int(sim["gamma_grid"]),
+        estimator=str(sim["estimator"]),
+        ridge=float(sim["ridge"]),
+    )
+
+
 def load_settings(path: str | Path, quick: bool = False) -> tuple[Settings, dict]:
     """Read a TOML config over `DEFAULTS` (and `QUICK` with `quick`); settings and the dict."""
     try:
@@ -277,21 +299,7 @@ def load_settings(path: str | Path, quick: bool = False) -> tuple[Settings, dict
         s = Settings(
             seed=int(cfg["seed"]),
             data=str(cfg["data"]),
-            fee=float(m["fee"]),
-            risk_aversion=float(m["risk_aversion"]),
-            lent_fraction=float(m["lent_fraction"]),
-            delta=float(m["delta"]),
-            blocks=tuple((int(b[0]), int(b[1])) for b in sim["blocks"]),
-            rhos=tuple(float(r) for r in sim["rhos"]),
-            ns=tuple(sorted(int(n) for n in sim["ns"])),
-            vol_pool1=float(sim["vol_pool1"]),
-            vol_pool2=float(sim["vol_pool2"]),
-            within_corr=float(sim["within_corr"]),
-            test_reps=int(sim["test_reps"]),
-            validation_reps=int(sim["validation_reps"]),
-            gamma_grid=int(sim["gamma_grid"]),
-            estimator=str(sim["estimator"]),
-            ridge=float(sim["ridge"]),
+            **model_fields(m, sim),
             compare_estimators=tuple(str(e) for e in sim["compare_estimators"]),
             compare_reps=int(sim["compare_reps"]),
             pool1=tuple(str(a) for a in real["pool1"]),
