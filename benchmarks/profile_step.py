@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import datetime as dt
 import glob
 import gzip
@@ -235,7 +236,7 @@ def ablate_cohorts(raw: dict, steps: int, repeats: int, cohorts=(4, 16, 64)) -> 
     """Run seconds per pool-step against K, and the least-squares fit fixed + slope·K."""
     per = {}
     for k in cohorts:
-        r = json.loads(json.dumps(raw))
+        r = copy.deepcopy(raw)
         r["market"]["cohorts"] = k
         args, cfg = _setup(r)
         per[k] = best_seconds(args, steps, repeats) / (cfg.simulation.num_pools * steps)
