@@ -1,23 +1,54 @@
-"""Command line: `pdlpjax run|sweep CONFIG [--set section.key=value ...] [--out DIR]`.
+"""Command line: `pdlpjax run|sweep|calibrate CONFIG [--set section.key=value ...] [--out DIR]`.
 
 `run` simulates a config; `sweep` runs its `[sweep]` grid as one paired comparison;
-`calibrate` fits its `[calibrate]` params by gradient.
+`calibrate` fits its `[calibrate]` params by gradient; `keys [SECTION]` lists every config key.
 `pdlpjax run|sweep --resume DIR` continues an interrupted run from DIR's checkpoint.
 Errors in the config or its data print one line (`error: ...`) and exit with status 2,
-before anything is compiled; a run in which a pool breaks a numerical guard exits with status 3
-(with a diagnostic snapshot of that pool in the results folder).
+before anything is compiled: among them a results folder that already holds files (without
+`--overwrite`) and a run whose estimated memory exceeds the machine's available memory. A run
+in which a pool breaks a numerical guard exits with status 3 (with a diagnostic snapshot of
+that pool in the results folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import tomllib
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ARRAYS, SECTIONS, TOP_LEVEL, ConfigError, key_rows, load_config
 from .results import Interrupted, SimulationError, run_config
 
 __all__ = ["main"]
+
+# What each subcommand needs, and an example config that has it.
+_COMMANDS = {
+    "run": ("simulate a config and write a results folder", "configs/quickstart.toml", None),
+    "sweep": (
+        "run the config's [sweep] grid (paired, common random numbers)",
+        "configs/hedged_sharpe.toml",
+        "sweep",
+    ),
+    "calibrate": (
+        "fit the config's [calibrate] params by gradient (optax)",
+        "configs/calibrate_hedge.toml",
+        "calibrate",
+    ),
+}
+# Sections only the experiment scripts' own configs have (a fallback when the file does not
+# name its script).
+_EXPERIMENT_SECTIONS = {
+    "fit": "experiments/calibrate_gamma.py",
+    "check": "experiments/calibrate_gamma.py",
+    "real": "experiments/schur_damping.py",
+    "plots": "experiments/schur_damping.py",
+    "glp": "experiments/claims_twm.py",
+    "claim_3_4": "experiments/claims_twm.py",
+    "solver": "experiments/claims_twm.py",
+    "heatmap": "experiments/claims_twm.py",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,17 +57,28 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pdlpjax")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "0.0.0+local"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pdlpjax", description="Monte Carlo engine for PDLPs")
+    p.add_argument("--version", action="version", version=f"pdlpjax {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    helps = {
-        "run": "simulate a config and write a results folder",
-        "sweep": "run the config's [sweep] grid (paired, common random numbers)",
-        "calibrate": "fit the config's [calibrate] params by gradient (optax)",
-    }
-    for name, text in helps.items():
-        run = sub.add_parser(name, help=text)
-        run.add_argument("config", nargs="?", help="TOML config, e.g. configs/quickstart.toml")
+    for name, (text, example, section) in _COMMANDS.items():
+        needs = f"a config with a [{section}] section" if section else "a config"
+        run = sub.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}. Takes {needs}, e.g. "
+            f"`pdlpjax {name} {example}`.",
+        )
+        run.add_argument("config", nargs="?", help=f"TOML config, e.g. {example}")
         run.add_argument(
             "--set",
             dest="overrides",
@@ -46,19 +88,103 @@ def _parser() -> argparse.ArgumentParser:
             help="override a config value (TOML syntax)",
         )
         run.add_argument("--out", default=None, help="results folder (default runs/<name>-<time>)")
-        run.add_argument("--quiet", action="store_true", help="no progress or summary line")
         run.add_argument(
-            "--resume",
-            metavar="DIR",
-            default=None,
-            help="continue an interrupted run from its results folder's checkpoint",
+            "--overwrite",
+            action="store_true",
+            help="write into an existing results folder that already holds files",
         )
+        run.add_argument("--quiet", action="store_true", help="no progress or summary line")
+        if name != "calibrate":  # a calibration has no checkpoint (they are short)
+            run.add_argument(
+                "--resume",
+                metavar="DIR",
+                default=None,
+                help="continue an interrupted run from its results folder's checkpoint",
+            )
+    keys = sub.add_parser(
+        "keys",
+        help="list every config key: kind, default, range, meaning",
+        description="List every config key with its kind (static/dynamic), default, range "
+        "and meaning.",
+    )
+    keys.add_argument("section", nargs="?", help=f"one of {', '.join(SECTIONS)}")
     return p
+
+
+def _print_keys(section: str | None) -> None:
+    rows = key_rows(section)
+    width = max(len(r["key"]) for r in rows)
+    current = None
+    for r in rows:
+        if r["section"] != current:
+            current = r["section"]
+            print(f"{'' if r is rows[0] else chr(10)}[{current}]")
+        extra = f"  range {r['range']}" if r["range"] else ""
+        print(f"  {r['key']:<{width}}  {r['kind']}, default {r['default']}{extra}")
+        print(f"  {'':<{width}}  {r['meaning']}")
+
+
+def _experiment_script(path: Path) -> str | None:
+    """The experiment script that reads `path`, when it is not a `pdlpjax` config."""
+    try:
+        text = path.read_text()
+        raw = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None  # load_config reports it
+    unknown = [k for k in raw if k not in SECTIONS and k not in TOP_LEVEL and k not in ARRAYS]
+    if not unknown:
+        return None
+    named = re.search(r"experiments/\w+\.py", text)
+    if named:
+        return named.group(0)
+    return next((_EXPERIMENT_SECTIONS[k] for k in unknown if k in _EXPERIMENT_SECTIONS), None)
+
+
+def _load(args: argparse.Namespace):
+    path = Path(args.config)
+    if path.is_file():
+        script = _experiment_script(path)
+        if script:
+            raise ConfigError(
+                f"{path} is read by {script}, not pdlpjax {args.command} (python {script} {path})"
+            )
+    cfg = load_config(path, args.overrides)
+    section = _COMMANDS[args.command][2]
+    example = _COMMANDS[args.command][1]
+    other = {"sweep": "calibrate", "calibrate": "sweep"}.get(args.command)
+    if section and not getattr(cfg, section).params:
+        hint = ""
+        if other and getattr(cfg, other).params:
+            hint = f"; it has [{other}] params: pdlpjax {other} {path}"
+        raise ConfigError(
+            f"{path}: pdlpjax {args.command} needs [{section}] params (a [{section}.params] "
+            f"table), e.g. {example}{hint}"
+        )
+    if args.command == "run" and not args.quiet:
+        ignored = [s for s in ("sweep", "calibrate") if getattr(cfg, s).params]
+        if ignored:
+            what = " and ".join(f"[{s}]" for s in ignored)
+            runs = " / ".join(f"pdlpjax {s}" for s in ignored)
+            print(f"note: pdlpjax run ignores {what} ({runs} runs it)", file=sys.stderr)
+    return cfg
+
+
+def _check_out(out: str | None, where: str, overwrite: bool) -> None:
+    """Refuse a results folder that already holds files, unless `overwrite`."""
+    if not out or overwrite:
+        return
+    folder = Path(out)
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ConfigError(
+            f"{where}: {folder} already holds files; pass --overwrite to write into it, choose "
+            "a new folder, or continue an interrupted run with --resume"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pdlpjax` command; returns the exit status."""
     args = _parser().parse_args(argv)
+    resume = getattr(args, "resume", None)
     if args.command == "sweep":
         from .sweep import run_sweep
 
@@ -66,24 +192,37 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "calibrate":
         from .calibrate import calibrate_config
 
-        def runner(cfg, out, quiet=False, resume=False):
-            if resume:
-                raise ConfigError("calibrate: --resume is not supported (calibrations are short)")
+        def runner(cfg, out, quiet=False):
             return calibrate_config(cfg, out, quiet=quiet)
     else:
         runner = run_config
     try:
-        if args.resume is not None:
+        if args.command == "keys":
+            _print_keys(args.section)
+            return 0
+        from ._memory import check_memory
+
+        if resume is not None:
             if args.config or args.overrides or args.out:
                 raise ConfigError(
                     "--resume DIR: takes no config, --set or --out (the folder holds its config)"
                 )
-            cfg = load_config(Path(args.resume) / "config.toml")
-            out = runner(cfg, args.resume, quiet=args.quiet, resume=True)
+            cfg = load_config(Path(resume) / "config.toml")
+            check_memory(cfg, args.command)
+            out = runner(cfg, resume, quiet=args.quiet, resume=True)
         else:
             if args.config is None:
-                raise ConfigError(f"{args.command}: expected a config file (or --resume DIR)")
-            cfg = load_config(args.config, args.overrides)
+                raise ConfigError(
+                    f"{args.command}: expected a config file, e.g. "
+                    f"pdlpjax {args.command} {_COMMANDS[args.command][1]}"
+                    + (" (or --resume DIR)" if args.command != "calibrate" else "")
+                )
+            cfg = _load(args)
+            if args.out:
+                _check_out(args.out, "--out", args.overwrite)
+            else:
+                _check_out(cfg.output.dir, "output.dir", args.overwrite)
+            check_memory(cfg, args.command)
             out = runner(cfg, args.out, quiet=args.quiet)
         print(out)
     except ConfigError as err:

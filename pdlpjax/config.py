@@ -525,6 +525,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     The config's name defaults to the file's stem.
     """
     path = Path(path)
+    if path.is_dir():
+        hint = f"; did you mean {path / 'config.toml'}?" if (path / "config.toml").is_file() else ""
+        raise ConfigError(f"{path}: is a folder, not a config file (expected a .toml file{hint})")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -593,6 +596,7 @@ def config_from_dict(raw: dict, base_dir: str | Path | None = None) -> Config:
                 else f"{key}: unknown top-level key; expected a section "
                 f"({', '.join(SECTIONS)}) or one of {', '.join(TOP_LEVEL)}"
             )
+    _check_name(raw.get("name", "config"))
     sections = {}
     for name, cls in SECTIONS.items():
         table = raw.get(name, {})
@@ -610,6 +614,88 @@ def config_from_dict(raw: dict, base_dir: str | Path | None = None) -> Config:
         cfg = _resolve_data_path(cfg, Path(base_dir))
     _check_cross(cfg)
     return cfg
+
+
+_UNSAFE_NAME_CHARS = '/\\:*?"<>|'
+
+
+def _check_name(name: str) -> None:
+    """`name` becomes the folder `runs/<name>-<time>`: one plain folder name, inside `runs/`."""
+    bad = sorted({c for c in name if c in _UNSAFE_NAME_CHARS or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        why = "it holds " + " ".join(map(repr, bad))
+    elif name.strip() in ("", ".", ".."):
+        why = "an empty or dot name"
+    elif name != name.strip():
+        why = "leading or trailing spaces"
+    else:
+        return
+    raise ConfigError(
+        f"name: {name!r} cannot name a results folder ({why}); use letters, digits, spaces "
+        "and . _ - (the name defaults to the config file's stem)"
+    )
+
+
+def key_rows(section: str | None = None) -> list[dict[str, str]]:
+    """The configuration reference: one row per key of every section (or of `section`),
+    with `section`, `key`, `kind`, `default`, `range` and `meaning`, from each field's `Spec`.
+
+    `pdlpjax keys` prints it and the README's tables are checked against it.
+    """
+    if section is not None and section not in SECTIONS:
+        raise ConfigError(
+            f"keys: unknown section {section!r}; expected one of {', '.join(SECTIONS)}"
+        )
+    rows = []
+    for name, cls in SECTIONS.items():
+        if section is not None and name != section:
+            continue
+        for f in dataclasses.fields(cls):
+            spec: Spec = f.metadata["spec"]
+            kind = spec.kind
+            if spec.kind == "dynamic" and spec.rank:
+                kind += ", per asset" if spec.rank == 1 else ", matrix"
+            rows.append(
+                {
+                    "section": name,
+                    "key": f.name,
+                    "kind": kind,
+                    "default": _default_text(name, f.name, f.default),
+                    "range": _range_text(spec),
+                    "meaning": spec.doc,
+                }
+            )
+    return rows
+
+
+_NONE_DEFAULTS = {"paths.correlation": "identity", "pool.target_weights": "equal"}
+
+
+def _default_text(section: str, key: str, value: Any) -> str:
+    if value is None:
+        return _NONE_DEFAULTS.get(f"{section}.{key}", "none")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_default_text(section, key, v) for v in value) + "]"
+    return repr(value)
+
+
+def _range_text(spec: Spec) -> str:
+    """Allowed values in interval notation (`[0, 1]`, `(0, ∞)`), or the choices."""
+    if spec.type is str and spec.choices:
+        return " | ".join(spec.choices)
+    if spec.type not in (int, float) or (spec.lo is None and spec.hi is None):
+        return ""
+    lo = "−∞" if spec.lo is None else f"{spec.lo:g}"
+    hi = "∞" if spec.hi is None else f"{spec.hi:g}"
+    text = f"{'(' if spec.lo_open or spec.lo is None else '['}{lo}, {hi}"
+    text += ")" if spec.hi_open or spec.hi is None else "]"
+    if spec.choices:
+        text += " or " + " | ".join(f'"{c}"' for c in spec.choices)
+    return text
 
 
 def _check_pools(items: Any) -> tuple:

@@ -72,7 +72,8 @@ def _parse_times(values: list[str], where: str, lines: list[int]) -> np.ndarray:
 def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     """Header (lower case) and data rows; each row ends with its line number in the file."""
     try:
-        with path.open(newline="") as fh:
+        # utf-8-sig: spreadsheets start a UTF-8 CSV with a byte-order mark.
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = [[*r, i + 1] for i, r in enumerate(csv.reader(fh))]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path}: cannot read ({err})") from None
@@ -80,7 +81,17 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     if len(rows) < 3:
         raise DataError(f"{path}: expected a header and at least two rows")
     header = [h.strip().lower() for h in rows[0][:-1]]
+    if len(header) == 1:
+        for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")):
+            if sep in header[0]:
+                raise DataError(
+                    f"{path}: columns are separated by {name} ({sep!r}); expected a "
+                    "comma-separated file"
+                )
     body = rows[1:]
+    for r in body:
+        if [c.strip().lower() for c in r[:-1]] == header:
+            raise DataError(f"{path}: line {r[-1]} repeats the header")
     short = [r for r in body if len(r) - 1 < len(header)]
     if short:
         raise DataError(f"{path}: line {short[0][-1]} has fewer columns than the header")

@@ -76,11 +76,19 @@ def data_fingerprint(cfg: Config) -> str | None:
 
 
 def prepare_out_dir(cfg: Config, out_dir: str | Path | None = None) -> Path:
-    """Resolve and create the results folder; fail with `ConfigError` if it is not writable."""
-    if out_dir is None:
-        out_dir = cfg.output.dir or Path("runs") / (
-            f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        )
+    """Resolve and create the results folder; fail with `ConfigError` if it is not writable.
+
+    The default, `runs/<name>-<time>`, is a new folder: a second run in the same second gets
+    `-2`, `-3`, ... (the CLI refuses a given non-empty folder without `--overwrite`).
+    """
+    if out_dir is None and cfg.output.dir:
+        out_dir = cfg.output.dir
+    elif out_dir is None:
+        stem = Path("runs") / f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        out_dir, n = stem, 1
+        while out_dir.exists():
+            n += 1
+            out_dir = stem.with_name(f"{stem.name}-{n}")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

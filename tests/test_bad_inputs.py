@@ -39,3 +39,13 @@ def test_bad_input_fails_with_one_line(case, capsys, monkeypatch, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert expected in lines[0], lines[0]
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_csv_with_byte_order_mark_is_accepted(tmp_path):
+    """Spreadsheets write UTF-8 CSVs with a byte-order mark; it is not part of the header."""
+    from pdlpjax import load_closes
+
+    rows = "".join(f"2024-01-{d:02d},{100 + d}.5\r\n" for d in range(1, 8))
+    (tmp_path / "BTCUSDT_1d.csv").write_bytes(("\ufefftimestamp,close\r\n" + rows).encode())
+    closes = load_closes(tmp_path, ["BTC"])
+    assert closes.prices.shape == (7, 1) and closes.prices[0, 0] == 101.5
