@@ -41,7 +41,12 @@ def bootstrap_returns(cfg: Config) -> np.ndarray:
     The data's spacing must match `simulation.steps_per_year` (within 1%): a daily file
     cannot drive hourly steps without rescaling, which would change its distribution.
     """
-    closes = load_closes(cfg.paths.data, cfg.market.assets)
+    closes = load_closes(
+        cfg.paths.data,
+        cfg.market.assets,
+        max_gap=cfg.paths.max_gap,
+        allow_gaps=cfg.paths.allow_gaps,
+    )
     spy = infer_steps_per_year(closes)
     if abs(spy / cfg.simulation.steps_per_year - 1.0) > 0.01:
         raise DataError(

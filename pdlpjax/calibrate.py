@@ -203,6 +203,7 @@ def calibrate_config(
         jax.config.update("jax_enable_x64", True)
     from .build import make_model, make_params, make_spec
     from .results import prepare_out_dir, versions
+    from .sanity import config_warnings, emit
     from .simulate import pool_keys
 
     cal = cfg.calibrate
@@ -229,6 +230,8 @@ def calibrate_config(
     prob_val = np.arange(n_prob * cal.validation_pools) // cal.validation_pools
     out = prepare_out_dir(cfg, out_dir)
     _io.write_text(out / "config.toml", tomli_w.dumps(config_to_dict(cfg)))
+    notes = config_warnings(cfg)
+    emit(notes)
 
     def scores(theta, blocks, problem, keys, flips):
         """Each pool's objective, averaged over the blocks of `[[pools]]` (one block else)."""
@@ -357,6 +360,7 @@ def calibrate_config(
         "config_hash": config_hash(cfg),
         "versions": versions(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "warnings": notes,
     }
     _io.write_json(out / "summary.json", summary)
     if cfg.output.plots:

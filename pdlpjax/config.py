@@ -210,6 +210,18 @@ class PathsConfig:
     )
     block_length: Any = _dyn(20.0, lo=1.0, doc="mean block length in steps (model = bootstrap)")
     data: str = _f("", type=str, doc="bootstrap source: a folder of per-asset CSVs or one CSV")
+    max_gap: float = _f(
+        6.0,
+        lo=1.0,
+        doc="bootstrap: longest gap between consecutive data times, in multiples of the data's "
+        "median spacing; a longer hole is refused (or dropped with allow_gaps)",
+    )
+    allow_gaps: bool = _f(
+        False,
+        type=bool,
+        doc="bootstrap: drop the return across each hole longer than max_gap instead of "
+        "refusing the data",
+    )
     antithetic: bool = _f(False, type=bool, doc="pair pools 2k, 2k+1 with negated normals")
 
 
@@ -491,6 +503,9 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     pools: tuple = ()  # `[[pools]]` blocks; empty: one pool over every asset
+    # One line per key the user set that the chosen settings ignore (`ignored_keys`); not
+    # part of the config's value (equality, hash, config.toml).
+    warnings: tuple = field(default=(), compare=False)
 
     @property
     def num_risky(self) -> int:
@@ -538,6 +553,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     raw.setdefault("name", path.stem)
     raw = apply_overrides(raw, overrides)
+    if not raw.get("pools") and not any(raw.get(name) for name in SECTIONS):
+        # An empty (or truncated) file would silently run every default.
+        raise ConfigError(
+            f"{path}: the config sets no key (it would run every default); set at least one, "
+            "e.g. start from configs/quickstart.toml"
+        )
     return config_from_dict(raw, base_dir=path.parent)
 
 
@@ -613,7 +634,86 @@ def config_from_dict(raw: dict, base_dir: str | Path | None = None) -> Config:
     if base_dir is not None and cfg.paths.data:
         cfg = _resolve_data_path(cfg, Path(base_dir))
     _check_cross(cfg)
-    return cfg
+    return dataclasses.replace(cfg, warnings=ignored_keys(cfg, raw))
+
+
+# The [paths] keys each model reads; the others are ignored by it.
+_DIFFUSION = ("drifts", "vols", "correlation", "antithetic")
+_JUMPS = ("jump_intensity", "jump_mean", "jump_vol", "crash_intensity", "crash_mean", "crash_vol")
+MODEL_KEYS = {
+    "gbm": _DIFFUSION,
+    "jump": _DIFFUSION + _JUMPS,
+    "garch": _DIFFUSION + ("garch_alpha", "garch_beta"),
+    "bootstrap": ("block_length", "data", "max_gap", "allow_gaps"),
+}
+_TWM_KEYS = ("discount_base", "discount_tax", "discount_temperature", "twm_mu", "twm_capital")
+_TWM_KEYS += ("twm_cost", "twm_steps")
+_PASSIVE_KEYS = {"market": ("assets", "numeraire", "initial_prices")}
+_PASSIVE_KEYS["pool"] = ("mode", "initial_value", "target_weights", "rebalance")
+
+
+def ignored_because(cfg: Config, section: str, key: str) -> str | None:
+    """Why the settings of `cfg` ignore `section.key` (e.g. `paths.model = "gbm"`), or None
+    when it is used."""
+    p, h, pool = cfg.paths, cfg.hedge, cfg.pool
+    if section in _PASSIVE_KEYS and pool.mode == "passive" and key not in _PASSIVE_KEYS[section]:
+        return 'pool.mode = "passive"'
+    if section == "paths" and key != "model" and key not in MODEL_KEYS[p.model]:
+        return f'paths.model = "{p.model}"'
+    if section == "hedge" and key != "enabled":
+        if not h.enabled:
+            return "hedge.enabled = false"
+        if key == "window" and h.covariance not in ("window", "shrinkage"):
+            return f'hedge.covariance = "{h.covariance}"'
+        if key == "ewma_halflife" and h.covariance != "ewma":
+            return f'hedge.covariance = "{h.covariance}"'
+        if key in ("damping_rule", "damping", "coupling") and not cfg.pools:
+            return "no [[pools]] blocks"
+        if key == "damping" and h.damping_rule != "fixed":
+            return f'hedge.damping_rule = "{h.damping_rule}"'
+        if key == "coupling" and h.damping_rule != "gamma_star":
+            return f'hedge.damping_rule = "{h.damping_rule}"'
+    if section == "pool":
+        if key in _TWM_KEYS and pool.discount == "none":
+            if not (key == "discount_tax" and pool.swap_arbitrage):  # GMX swap fees use it
+                return 'pool.discount = "none"'
+        if key == "discount_temperature" and pool.discount != "glp_smooth":
+            return f'pool.discount = "{pool.discount}"'
+        if key == "swap_fee" and not pool.swap_arbitrage:
+            return "pool.swap_arbitrage = false"
+        if key == "rebalance" and pool.mode != "passive":
+            return f'pool.mode = "{pool.mode}"'
+    if section == "simulation" and key == "temperature" and not cfg.simulation.smooth:
+        return "simulation.smooth = false"
+    return None
+
+
+def ignored_keys(cfg: Config, raw: dict) -> tuple[str, ...]:
+    """One line per reason naming the keys the user set (in `raw`, to a value other than the
+    default; or as a swept or free param) that `cfg`'s settings ignore.
+
+    Keys equal to their default are left out, so a written-out `config.toml` (every key)
+    warns only about what the user had set.
+    """
+    found: dict[str, list[str]] = {}
+    for sec_name, cls in SECTIONS.items():
+        table = raw.get(sec_name)
+        if not isinstance(table, dict) or sec_name in ("sweep", "calibrate"):
+            continue
+        section = getattr(cfg, sec_name)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key in table:
+            if key in defaults and getattr(section, key) != defaults[key]:
+                why = ignored_because(cfg, sec_name, key)
+                if why:
+                    found.setdefault(why, []).append(f"{sec_name}.{key}")
+    for what, params in (("swept", cfg.sweep.params), ("free", cfg.calibrate.params)):
+        for name in params or {}:
+            sec_name, key = name.split(".")
+            why = ignored_because(cfg, sec_name, key)
+            if why:
+                found.setdefault(why, []).append(f"{name} ({what})")
+    return tuple(f"{', '.join(keys)}: set but ignored with {why}" for why, keys in found.items())
 
 
 _UNSAFE_NAME_CHARS = '/\\:*?"<>|'
@@ -1167,6 +1267,11 @@ def _check_cross(cfg: Config) -> None:
     if crash * cfg.dt > 1.0:
         raise ConfigError(
             f"paths.crash_intensity: expected at most {s.steps_per_year:g} per year, got {crash:g}"
+        )
+    if s.num_steps < 2:  # one return has no variance: every Sharpe ratio would be NaN
+        raise ConfigError(
+            f"simulation.num_steps: expected at least 2 (a Sharpe ratio needs two returns), "
+            f"got {s.num_steps}"
         )
     chunk = s.chunk_length or s.num_steps
     if chunk > s.num_steps:

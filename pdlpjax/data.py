@@ -14,6 +14,7 @@ duplicates), closes are finite and positive. A failure raises `DataError` naming
 from __future__ import annotations
 
 import csv
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,14 @@ import numpy as np
 
 from .config import ConfigError
 
-__all__ = ["DataError", "Closes", "load_closes", "log_returns", "infer_steps_per_year"]
+__all__ = [
+    "DataError",
+    "Closes",
+    "load_closes",
+    "log_returns",
+    "infer_steps_per_year",
+    "check_gaps",
+]
 
 TIME_COLUMNS = ("timestamp", "date", "time", "datetime", "open_time")
 TICKER_COLUMNS = ("ticker", "symbol")
@@ -38,6 +46,9 @@ class Closes:
     times: np.ndarray
     prices: np.ndarray
     assets: tuple[str, ...]
+    # (T - 1,) True where the return from row t to t + 1 spans an allowed hole (`check_gaps`):
+    # `log_returns` drops those returns. None: no such hole.
+    holes: np.ndarray | None = None
 
 
 def _parse_times(values: list[str], where: str, lines: list[int]) -> np.ndarray:
@@ -172,8 +183,18 @@ def _find_asset_file(folder: Path, asset: str) -> Path:
     return hits[0]
 
 
-def load_closes(source: str | Path, assets: tuple[str, ...] | list[str]) -> Closes:
+def load_closes(
+    source: str | Path,
+    assets: tuple[str, ...] | list[str],
+    *,
+    max_gap: float = 6.0,
+    allow_gaps: bool = False,
+) -> Closes:
     """Closes of `assets` from `source` (folder or CSV), inner-joined on common times.
+
+    A hole between common times longer than `max_gap` times their median spacing raises
+    `DataError` naming its dates, or with `allow_gaps` is marked so that `log_returns`
+    drops the return across it (`check_gaps`).
 
     **Returns:** `Closes` with `prices` of shape `(T, len(assets))`, rows in time order.
     """
@@ -196,7 +217,49 @@ def load_closes(source: str | Path, assets: tuple[str, ...] | list[str]) -> Clos
     if len(common) < 3:
         raise DataError(f"{source}: assets {list(assets)} share fewer than 3 common times")
     prices = np.stack([c[np.searchsorted(t, common)] for t, c in series], axis=1)
-    return Closes(times=common, prices=prices, assets=tuple(assets))
+    closes = Closes(times=common, prices=prices, assets=tuple(assets))
+    holes = check_gaps(closes, source, [t for t, _ in series], max_gap, allow_gaps)
+    return closes if holes is None else dataclasses.replace(closes, holes=holes)
+
+
+def check_gaps(
+    closes: Closes, source: Path, asset_times: list, max_gap: float, allow_gaps: bool
+) -> np.ndarray | None:
+    """Holes in the common times longer than `max_gap` × their median spacing.
+
+    The return across such a hole would enter the bootstrap as one step (a 30-day hole in
+    hourly data is one "hourly" return of about 20σ). Without `allow_gaps` the largest
+    raises `DataError` with its dates and the assets with no row inside it; with it, returns
+    a (T - 1,) mask of the returns to drop (None when there is no hole).
+    """
+    diffs = np.diff(closes.times).astype("int64")
+    spacing = float(np.median(diffs))
+    holes = diffs > max_gap * spacing
+    if not np.any(holes):
+        return None
+    if allow_gaps:
+        return holes
+    i = int(np.argmax(diffs))
+    start, end = closes.times[i], closes.times[i + 1]
+    missing = [
+        a
+        for a, t in zip(closes.assets, asset_times, strict=True)
+        if not np.any((t > start) & (t < end))
+    ]
+    who = f"no row for {', '.join(missing)}" if missing else "no common row"
+    raise DataError(
+        f"{source}: {int(np.sum(holes))} hole(s) in the data longer than paths.max_gap = "
+        f"{max_gap:g} times its spacing of {_duration(spacing)}; the largest, {start} to {end} "
+        f"({_duration(float(diffs[i]))}, {who}), would be one step of the bootstrap; set "
+        "paths.allow_gaps = true to drop such returns, or raise paths.max_gap"
+    )
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400.0), ("hours", 3600.0), ("minutes", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
 
 
 def _load_wide(path: Path, assets: tuple[str, ...] | list[str]) -> list:
@@ -210,8 +273,10 @@ def _load_wide(path: Path, assets: tuple[str, ...] | list[str]) -> list:
 
 
 def log_returns(closes: Closes) -> np.ndarray:
-    """Log returns between consecutive common times, shape `(T - 1, n)`."""
-    return np.diff(np.log(closes.prices), axis=0)
+    """Log returns between consecutive common times, shape `(T - 1, n)`, less the returns
+    across allowed holes (`closes.holes`): the series either side of a hole are joined."""
+    r = np.diff(np.log(closes.prices), axis=0)
+    return r if closes.holes is None else r[~closes.holes]
 
 
 def infer_steps_per_year(closes: Closes) -> float:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import tomli_w
 
-from . import _io
+from . import _io, sanity
 from .config import SECTIONS, Config, ConfigError, config_hash, config_to_dict, resolve_dynamic
 from .metrics import mean_ci
 from .pool import guard_names
@@ -266,6 +266,8 @@ def run_config(
     model = make_model(cfg)  # reads and checks bootstrap data before anything compiles
     out = prepare_out_dir(cfg, out_dir)
     saved = _load_checkpoint(out, cfg) if resume else None
+    notes = sanity.config_warnings(cfg)
+    sanity.emit(notes)
     if not resume:
         _io.write_text(out / "config.toml", tomli_w.dumps(config_to_dict(cfg)))
         (out / CHECKPOINT).unlink(missing_ok=True)
@@ -355,7 +357,17 @@ def run_config(
     summary["masked_pools"] = {"count": int(res.masked.size), "first": res.masked[:20].tolist()}
     if resume:
         summary["resumed_from_step"] = saved[0]
+    found = sanity.result_warnings(res.metrics, int(res.masked.size))
+    sanity.emit(found)
+    summary["warnings"] = notes + found
     _io.write_json(out / "summary.json", summary)
+    if res.masked.size == num_pools:
+        (out / CHECKPOINT).unlink(missing_ok=True)
+        raise SimulationError(
+            f"all {num_pools} pools broke a guard and were masked: no metric is defined "
+            f"(summary.json in {out}); with simulation.on_invalid = 'stop' the first one stops "
+            "the run with a diagnostic"
+        )
 
     names, cols = _param_columns(cfg, values)
     header = ["pool", "group", *names, *metric_names]
@@ -459,6 +471,8 @@ def run_blocks(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
     model = make_model(cfg)
     out = prepare_out_dir(cfg, out_dir)
     _io.write_text(out / "config.toml", tomli_w.dumps(config_to_dict(cfg)))
+    notes = sanity.config_warnings(cfg)
+    sanity.emit(notes)
     wall0 = time.perf_counter()
     blocks, rows, names = [], [], None
     compile_s = run_s = 0.0
@@ -481,6 +495,9 @@ def run_blocks(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
             ) from None
         compile_s += res.compile_seconds
         run_s += res.run_seconds
+        found = [f"pools[{b}]: {w}" for w in sanity.result_warnings(res.metrics, res.masked.size)]
+        sanity.emit(found)
+        notes += found
         names = names or list(res.metrics)
         blocks.append(
             {
@@ -512,6 +529,7 @@ def run_blocks(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
         "run_seconds": run_s,
         "versions": versions(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "warnings": notes,
     }
     _io.write_json(out / "summary.json", summary)
     _io.write_csv(out / "pools.csv", ["pool", "block", *names], rows)

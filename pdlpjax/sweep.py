@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
-from . import _io
+from . import _io, sanity
 from .config import (
     SECTIONS,
     Config,
@@ -58,6 +58,11 @@ def sweep_config(cfg: Config) -> tuple[Config, list[dict]]:
         raise ConfigError('sweep.params: a sweep needs at least one swept key, e.g. "pool.fee"')
     if cfg.pools:
         raise ConfigError("sweep: configs with [[pools]] blocks cannot be swept yet (use run)")
+    if sw.replicates < 2:  # one pool per combination: every interval would have zero width
+        raise ConfigError(
+            f"sweep.replicates: expected at least 2 (95% intervals need two replicates per "
+            f"combination), got {sw.replicates}"
+        )
     if cfg.paths.antithetic and sw.replicates % 2:
         raise ConfigError(
             f"sweep.replicates: antithetic pairs need an even number, got {sw.replicates}"
@@ -183,6 +188,8 @@ def run_sweep(
     run, combos = sweep_config(cfg)
     model = make_model(run)
     out = prepare_out_dir(cfg, out_dir)
+    notes = sanity.config_warnings(run)
+    sanity.emit(notes)
     params, spec = make_params(run), make_spec(run)
     num_pools = run.simulation.num_pools
     reps = num_pools // len(combos)
@@ -237,6 +244,12 @@ def run_sweep(
     wall = time.perf_counter() - wall0
     metrics = {k: np.concatenate([m[k] for m in done_metrics]) for k in done_metrics[0]}
     table = _table(metrics, combos, reps)
+    masked = int(np.sum(~np.isfinite(metrics["total_return"])))
+    found = sanity.result_warnings(metrics, masked)
+    sanity.emit(found)
+    # The config's own grids on keys the sweep does not set: without them as columns,
+    # rows that differ only there would look like duplicates.
+    grid_keys = [k for k in combos[0] if k not in cfg.sweep.params]
     summary = {
         "name": cfg.name,
         "combinations": len(combos),
@@ -254,10 +267,18 @@ def run_sweep(
         "versions": versions(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "swept": list(cfg.sweep.params),
+        "config_grid": grid_keys,
         "table": table,
+        "warnings": notes + found,
     }
     _io.write_json(out / "summary.json", summary)
-    _write_csv(out / "sweep.csv", table, list(cfg.sweep.params))
+    _write_csv(out / "sweep.csv", table, [*cfg.sweep.params, *grid_keys])
+    if masked == num_pools:
+        (out / SWEEP_CHECKPOINT).unlink(missing_ok=True)
+        raise SimulationError(
+            f"all {num_pools} pools broke a guard and were masked: no metric is defined "
+            f"(summary.json in {out})"
+        )
     group = np.arange(num_pools) // reps
     names = list(metrics)
     rows = [
