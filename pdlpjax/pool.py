@@ -3,7 +3,10 @@
 Pool value (AUM) = pᵀR − net unrealised trader PnL (the pool is the traders' counterparty);
 LP share price = AUM / share supply. `Accounts` keeps the running sum of every term that
 moves AUM, so that each step ΔAUM = inventory + book + fees − bad debt + LP flows (the
-accounting identity of DESIGN.md), checked step by step.
+accounting identity of DESIGN.md), checked step by step. A second identity, on the wealth
+of the initial LPs (share price × the shares they hold), sees what the first cannot: the
+supply that mints, burns and LP flows change, and the dilution paid to arbitrageurs (see
+`simulate.lp_identity`).
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ class Accounts(eqx.Module):
     unrealised trader PnL from the price move), `fees`, `bad_debt` (subtracted), `lp_flows`
     (deposits − withdrawals), `twm_flows` and `swap_pnl`. The rest is detail: margin taken at
     liquidations and exits, profits paid to traders, funding paid between traders, event
-    counts, time sums for averages, and the largest relative identity violation with its
-    step.
+    counts, time sums for averages, and the largest relative violations of the accounting
+    identity and of the LP wealth identity, with their steps.
     """
 
     inventory_pnl: Float[Array, ""]
@@ -92,6 +95,8 @@ class Accounts(eqx.Module):
     value_sum: Float[Array, ""]
     identity_error: Float[Array, ""]
     identity_error_step: Float[Array, ""]
+    lp_identity_error: Float[Array, ""]  # largest relative violation of the LP identity
+    lp_identity_error_step: Float[Array, ""]
     invalid_step: Float[Array, ""]  # first step that broke a guard (−1: none)
     invalid_code: Float[Array, ""]  # what broke then: sum of `GUARDS` codes
 
@@ -102,6 +107,8 @@ GUARDS = {
     2: "a negative reserve",
     4: "lent above the available reserves",
     8: "the accounting identity beyond simulation.identity_tolerance",
+    16: "the LP wealth identity (share price × supply; hedged LP) beyond "
+    "simulation.identity_tolerance",
 }
 
 
@@ -185,7 +192,8 @@ def account_metrics(
     of average AUM), `fee_income` (numéraire), `fee_apr` (fees / average AUM per year),
     `liquidations`, `bad_debt` (fraction of initial value), `funding_paid` (numéraire),
     `rejected` and `opened` trades, `dilution` and `swap_loss` (fractions of initial value
-    given to TWM and swap arbitrageurs), `creations`, `redemptions`, and `identity_error`.
+    given to TWM and swap arbitrageurs), `creations`, `redemptions`, `identity_error` and
+    `lp_identity_error` (largest relative violations of the two identities).
     """
     avg_value = acc.value_sum / num_steps
     years = num_steps / steps_per_year
@@ -205,4 +213,5 @@ def account_metrics(
         "creations": acc.creations,
         "redemptions": acc.redemptions,
         "identity_error": acc.identity_error,
+        "lp_identity_error": acc.lp_identity_error,
     }

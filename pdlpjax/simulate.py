@@ -94,6 +94,8 @@ __all__ = [
     "trace_count",
     "aum",
     "lp_share_price",
+    "lp_identity",
+    "hedged_lp_identity",
 ]
 
 
@@ -279,10 +281,12 @@ def step(
     the funding cap are relaxed with temperature `spec.temperature` (see `market`), so
     pathwise gradients see them; the target-weight and swap arbitrage gates stay exact.
     In `passive` mode only step 1 runs, with reserves optionally reset to the target weights.
-    The accounting identity is checked every step (`Accounts.identity_error`). With
-    `spec.hedge`, the hedged LP then updates (`hedge.hedge_step`). `clock` is this step's
-    index as a value shared by all pools (defaults to `state.t`): `simulate` passes its loop
-    counter so that under vmap the hedge's rebalancing branch stays a branch.
+    With `spec.hedge`, the hedged LP then updates (`hedge.hedge_step`). The accounting
+    identity (`Accounts.identity_error`) and the LP wealth identity (`lp_identity`, with
+    `hedged_lp_identity` for the hedged LP; `Accounts.lp_identity_error`) are checked every
+    step. `clock` is this step's index as a value shared by all pools (defaults to
+    `state.t`): `simulate` passes its loop counter so that under vmap the hedge's
+    rebalancing branch stays a branch.
     """
     r = spec.num_risky
     pool, book, acc = state.pool, state.book, state.accounts
@@ -304,6 +308,8 @@ def step(
     liq_margin = liq_count = funding = exit_received = exit_paid = zero
     n_exits = n_merged = n_open = n_rejected = zero
     twm_flow = dilution = swap_pnl = n_create = n_redeem = n_swaps = zero
+    late_bad_debt = zero  # bad debt of exits, after the step's supply changes
+    held = pool.supply  # shares held by all but the TWM arbitrageur after its trade
     gamma = jnp.zeros((r,), p_new.dtype)  # funding rate (none in passive mode)
 
     if spec.mode == "passive":
@@ -344,6 +350,7 @@ def step(
                 p_new, pool.reserves + twm.reserve_change, pool.supply + twm.supply_change
             )
             twm_flow, dilution = twm.flow, twm.profit
+            held = jnp.minimum(held, pool.supply)
             n_create, n_redeem = twm.created, twm.redeemed
         value = aum(pool, book, r)
         pool, flow = lp_flow(pool, value, _available(pool, book, r), pp, noise.z_flow, spec.dt)
@@ -355,6 +362,7 @@ def step(
         ex = settle(book, leaving, pr)
         book = ex.book
         pool = PoolState(p_new, pool.reserves + ex.reserve_change, pool.supply)
+        late_bad_debt = ex.bad_debt
         bad_debt = bad_debt + ex.bad_debt
         exit_received, exit_paid = ex.received, ex.paid
         n_exits = ex.count
@@ -388,9 +396,57 @@ def step(
     aum_after = aum(pool, book, r)
     terms = inventory + book_move + fees - bad_debt + flow + twm_flow + swap_pnl
     violation = jnp.abs(aum_after - aum_before - terms) / jnp.maximum(jnp.abs(aum_before), 1e-30)
-    code = _guard_code(pool, book, r, aum_after, violation, spec)
+    stats = update_stats(state.stats, aum_after / pool.supply)
+    hedge = state.hedge
+    if spec.hedge:
+        hedge = hedge_step(
+            hedge,
+            params.hedge,
+            HedgeInputs(
+                p_old=p_old[:r],
+                p_new=p_new[:r],
+                log_return=market_ret,
+                funding_rate=gamma,
+                share_price_old=state.stats.value,
+                share_price_new=stats.value,
+                supply=pool.supply,
+                fee=params.pool.fee,
+            ),
+            state.t if clock is None else clock,
+            spec.hedge_plan,
+            lambda: Exposure(
+                delta=pool_delta(pool.prices, pool.reserves, book, r),
+                lent=reserved(book)[0],
+                model_cov=model_covariance(params.paths.vols, params.paths.correlation, spec.dt),
+            ),
+        )
+    # The LP wealth identity (`lp_identity`): the share price moves by the per-share terms,
+    # each over the supply that held it, less the dilution the TWM arbitrageur was paid.
+    price_before, price_after = aum_before / state.pool.supply, aum_after / pool.supply
+    predicted = (
+        (inventory + book_move + fees - (bad_debt - late_bad_debt)) / state.pool.supply
+        - dilution / held
+        + (swap_pnl - late_bad_debt) / pool.supply
+    )
+    lp_violation = lp_identity(price_before, price_after, predicted)
+    if spec.hedge:
+        lp_violation = jnp.maximum(
+            lp_violation,
+            hedged_lp_identity(
+                state.hedge,
+                hedge,
+                params.hedge,
+                p_old[:r],
+                p_new[:r],
+                gamma,
+                price_before,
+                price_after,
+            ),
+        )
+    code = _guard_code(pool, book, r, aum_after, violation, lp_violation, spec)
     first_invalid = (acc.invalid_step < 0) & (code > 0)
     worse = violation > acc.identity_error
+    lp_worse = lp_violation > acc.lp_identity_error
     acc = Accounts(
         inventory_pnl=acc.inventory_pnl + inventory,
         book_pnl=acc.book_pnl + book_move,
@@ -419,33 +475,13 @@ def step(
         identity_error_step=jnp.where(
             worse, state.t.astype(violation.dtype), acc.identity_error_step
         ),
+        lp_identity_error=jnp.where(lp_worse, lp_violation, acc.lp_identity_error),
+        lp_identity_error_step=jnp.where(
+            lp_worse, state.t.astype(violation.dtype), acc.lp_identity_error_step
+        ),
         invalid_step=jnp.where(first_invalid, state.t.astype(code.dtype), acc.invalid_step),
         invalid_code=jnp.where(first_invalid, code, acc.invalid_code),
     )
-    stats = update_stats(state.stats, aum_after / pool.supply)
-    hedge = state.hedge
-    if spec.hedge:
-        hedge = hedge_step(
-            hedge,
-            params.hedge,
-            HedgeInputs(
-                p_old=p_old[:r],
-                p_new=p_new[:r],
-                log_return=market_ret,
-                funding_rate=gamma,
-                share_price_old=state.stats.value,
-                share_price_new=stats.value,
-                supply=pool.supply,
-                fee=params.pool.fee,
-            ),
-            state.t if clock is None else clock,
-            spec.hedge_plan,
-            lambda: Exposure(
-                delta=pool_delta(pool.prices, pool.reserves, book, r),
-                lent=reserved(book)[0],
-                model_cov=model_covariance(params.paths.vols, params.paths.correlation, spec.dt),
-            ),
-        )
     new = SimState(
         t=state.t + 1,
         pool=pool,
@@ -467,6 +503,7 @@ def _guard_code(
     r: int,
     value: Float[Array, ""],
     violation: Float[Array, ""],
+    lp_violation: Float[Array, ""],
     spec: SimSpec,
 ) -> Float[Array, ""]:
     """Sum of the `pool.GUARDS` codes this step breaks (0: none).
@@ -484,8 +521,64 @@ def _guard_code(
     negative = jnp.any(pool.reserves * pool.prices < slack)
     over_lent = jnp.any(_available(pool, book, r) * pool.prices < slack)
     identity = violation > spec.identity_tolerance
-    flags = [~finite, negative, over_lent, identity]
-    return sum(f.astype(value.dtype) * c for f, c in zip(flags, (1, 2, 4, 8), strict=True))
+    lp_identity = lp_violation > spec.identity_tolerance
+    flags = [~finite, negative, over_lent, identity, lp_identity]
+    return sum(f.astype(value.dtype) * c for f, c in zip(flags, (1, 2, 4, 8, 16), strict=True))
+
+
+def lp_identity(
+    price_before: Float[Array, ""], price_after: Float[Array, ""], predicted: Float[Array, ""]
+) -> Float[Array, ""]:
+    """Relative violation of the LP wealth identity in one step.
+
+    The initial LPs hold h shares throughout (the shares of LP flows and arbitrageurs are
+    others'), so their wealth is W = h·P, P = AUM / supply. One step moves it by
+
+        ΔW = h/S₀ (inventory + book + fees − bad debt of liquidations)
+             − h/S_h · dilution
+             + h/S₁ (swap PnL − bad debt of exits)
+             + h/S_f (LP flow − shares the flow minted × P)  [= 0: flows trade at P]
+
+    S₀ = supply at the start (the terms before the TWM trade), S_h = the shares not the TWM
+    arbitrageur's after its trade (S₀ for a creation; S₀ − σ for a redemption, whose σ the
+    arbitrageur bought at P), S₁ = supply at the end (terms after the LP flows), and
+    dilution = the arbitrageur's gain as the solver reports it (F·v or pᵀλ·f/(1 + f)). The
+    actual ΔW comes from the state's AUM and supply, so a mint or burn at the wrong price,
+    or an LP flow off the share price, breaks it while ΔAUM still balances.
+    `predicted` is ΔW/h; **returns** |ΔP − ΔW/h| / |P_before| (h cancels).
+    """
+    return jnp.abs(price_after - price_before - predicted) / jnp.maximum(
+        jnp.abs(price_before), 1e-30
+    )
+
+
+def hedged_lp_identity(
+    old: HedgeState,
+    new: HedgeState,
+    params: HedgeParams,
+    p_old: Float[Array, " r"],
+    p_new: Float[Array, " r"],
+    funding_rate: Float[Array, " r"],
+    price_before: Float[Array, ""],
+    price_after: Float[Array, ""],
+) -> Float[Array, ""]:
+    """Relative violation of the hedged LP's wealth identity in one step.
+
+    W_h = h·P + cash, so ΔW_h = h·ΔP + π_oldᵀ(p_new − p_old) − Σ γ_L π_old p_new
+    − Σ c |π_new − π_old| p_new: the unhedged LP's change (checked by `lp_identity`), the
+    hedge's PnL, less its funding and trading costs, recomputed here from the positions
+    (not from `hedge_step`'s running totals). W_h is read from the hedged `stats`.
+    **Returns:** |ΔW_h − that| / max(|W_h|, h·|P|) before the step.
+    """
+    h = old.shares
+    pnl = fixed_sum(old.position * (p_new - p_old))
+    funding = fixed_sum(funding_rate * old.position * p_new)
+    cost = fixed_sum(params.cost * jnp.abs(new.position - old.position) * p_new)
+    hedged_change = h * (new.stats.value - old.stats.value)  # W_h = h × the hedged stats' value
+    lp_change = h * (price_after - price_before)
+    wealth = h * old.stats.value
+    scale = jnp.maximum(jnp.maximum(jnp.abs(wealth), jnp.abs(h * price_before)), 1e-30)
+    return jnp.abs(hedged_change - lp_change - pnl + funding + cost) / scale
 
 
 def draw_noise(
@@ -675,6 +768,9 @@ def _init_batched(params, model, *, spec: SimSpec):
 
 _COMPILED: dict = {}
 
+# Pools per compiled call on a CPU (see `simulate`): a multiple of every vector width.
+POOL_BLOCK = 128
+
 
 def _signature(args) -> tuple:
     leaves, treedef = jtu.tree_flatten(args)
@@ -749,6 +845,38 @@ class SimResult:
     masked: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
 
 
+def _default_pool_block() -> int:
+    """Pools per compiled call when `simulate(pool_block=None)`: `POOL_BLOCK` on a CPU, where
+    it keeps results independent of the batch size; a large block on accelerators, which
+    need many pools per kernel to be busy."""
+    return POOL_BLOCK if jax.default_backend() == "cpu" else 16384
+
+
+def _pad_pools(tree: Any, size: int) -> Any:
+    """Every leaf's leading (pool) axis extended to `size` by repeating its last pool (the
+    padding pools are valid pools; their results are dropped)."""
+
+    def pad(x):
+        if x.shape[0] == size:
+            return x
+        return x[np.minimum(np.arange(size), x.shape[0] - 1)]
+
+    return jtu.tree_map(pad, tree)
+
+
+def _split_pools(tree: Any, block: int) -> list:
+    """`tree`'s leading axis (a multiple of `block`) as a list of `block`-pool slices."""
+    count = jtu.tree_leaves(tree)[0].shape[0] // block
+    return [jtu.tree_map(lambda x, b=b: x[b * block : (b + 1) * block], tree) for b in range(count)]
+
+
+def _join_pools(parts: list, num_pools: int) -> Any:
+    """The inverse of `_split_pools`, cut back to the first `num_pools` pools."""
+    if len(parts) == 1:
+        return jtu.tree_map(lambda x: x[:num_pools], parts[0])
+    return jtu.tree_map(lambda *xs: jnp.concatenate(xs)[:num_pools], *parts)
+
+
 def simulate(
     params: Params,
     model: AbstractPathModel,
@@ -762,6 +890,7 @@ def simulate(
     resume: tuple[int, SimState, list] | None = None,
     num_devices: int = 1,
     key_index: np.ndarray | None = None,
+    pool_block: int | None = None,
 ) -> SimResult:
     """Simulate every pool of `params` (leaves with a leading pool axis) for `num_steps`.
 
@@ -775,6 +904,14 @@ def simulate(
     (`jax.shard_map`; results agree with one device to rounding). `key_index` (num_pools,)
     sets each pool's draw index (default: its position; see `pool_keys`). Compilation is
     timed apart from running.
+
+    On one device the pools run in blocks of `pool_block` (default `POOL_BLOCK` on a CPU),
+    the last one padded, all through one compiled program. Pool i is then always lane
+    i mod `pool_block` of the same executable, whatever the number of pools, so its results
+    are bitwise the same for any batch size on any CPU. (XLA's vectorised loops round a
+    partial last vector differently from full ones on some CPUs, e.g. with AVX-512, so a
+    program whose pool axis is the batch size cannot promise that.) `pool_block = 0` runs
+    all pools as one block, unpadded. With `num_devices` > 1 the pools run as one block.
     """
     num_pools = jtu.tree_leaves(params)[0].shape[0]
     keys, flips = pool_keys(seed, num_pools, spec.antithetic, key_index)
@@ -784,35 +921,58 @@ def simulate(
                 f"cannot shard {num_pools} pools over {num_devices} of "
                 f"{len(jax.devices())} devices (pools must divide evenly)"
             )
-        params, keys, flips = _shard_pools((params, keys, flips), num_devices)
+        block = num_pools
+    else:
+        block = _default_pool_block() if pool_block is None else pool_block
+        block = block or num_pools
+    padded = -(-num_pools // block) * block
+    parts = _split_pools(_pad_pools((params, keys, flips), padded), block)
+    if num_devices > 1:
+        parts = [_shard_pools(part, num_devices) for part in parts]
     chunk_length = chunk_length or num_steps
-    init_fn, compile_s = _compiled(_init_batched, (params, model), spec=spec)
-    state = init_fn(params, model)
+    init_fn, compile_s = _compiled(_init_batched, (parts[0][0], model), spec=spec)
+    states = [init_fn(p, model) for p, _, _ in parts]
     records, chunk_seconds = [], []
     t_run = 0.0
     done = 0
     if resume is not None:
         done, saved, records = resume
-        state = _restore(state, saved)
+        full = _pad_pools(_restore(_join_pools(states, num_pools), saved), padded)
+        states = _split_pools(full, block)
         if num_devices > 1:
-            state = _shard_pools(state, num_devices)
+            states = [_shard_pools(s, num_devices) for s in states]
     unit = spec.record_every or 1
     max_blocks = chunk_length // unit
     while done < num_steps:
         length = min(chunk_length, num_steps - done)
         blocks = jnp.asarray(length // unit, jnp.int32)
-        args = (state, params, model, keys, flips, blocks, jnp.asarray(done, jnp.int32))
-        fn, c = _compiled(_chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices)
-        compile_s += c
+        start = jnp.asarray(done, jnp.int32)
         t0 = time.perf_counter()
-        state, rec = fn(*args)
-        jax.block_until_ready(state)
+        recs = []
+        for b, (p, k, f) in enumerate(parts):
+            args = (states[b], p, model, k, f, blocks, start)
+            fn, c = _compiled(
+                _chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices
+            )
+            compile_s += c
+            t0 += c
+            states[b], rec = fn(*args)
+            recs.append(rec)
+        jax.block_until_ready(states)
         dt = time.perf_counter() - t0
         t_run += dt
         chunk_seconds.append(dt)
-        if rec is not None:
-            records.append(jtu.tree_map(lambda x, n=length // unit: _host(x)[:, :n], rec))
+        if recs[0] is not None:
+            records.append(
+                jtu.tree_map(
+                    lambda *xs, n=length // unit: np.concatenate([_host(x)[:, :n] for x in xs])[
+                        :num_pools
+                    ],
+                    *recs,
+                )
+            )
         done += length
+        state = _join_pools(states, num_pools)
         invalid = _host(state.accounts.invalid_step)
         if not spec.mask_invalid and np.any(invalid >= 0):
             bad = np.flatnonzero(invalid >= 0)
@@ -823,6 +983,7 @@ def simulate(
             progress(done, num_steps, t_run, compile_s)
         if on_chunk is not None:
             on_chunk(done, state, records)
+    state = _join_pools(states, num_pools)
     metrics = finalize_stats(state.stats, spec.steps_per_year)
     if spec.mode == "pdlp":
         metrics |= account_metrics(

@@ -7,9 +7,11 @@ function F and does the more profitable of
 - share redemption (eq. 10): buy σ shares at the share price and redeem them for λ
   (0 ≤ λ ≤ R^A, each asset at most `twm_capital` of AUM) with pᵀλ = (1 + F(−λ))·σ·(share
   price);
-if its profit exceeds `twm_cost` of AUM. Existing LPs pay the profit through dilution: AUM
-moves by the assets that come in or go out (`twm_flows`, an identity term) while the share
-price moves by −profit / supply (`dilution`, reported).
+if its profit exceeds `twm_cost` of AUM. Shares are minted and burnt so that the profit the
+solver maximises is the profit the arbitrageur receives (`twm_settle`). Existing LPs pay it
+through dilution: AUM moves by the assets that come in or go out (`twm_flows`, an identity
+term) while the share price moves by −profit / S_h (`dilution`, reported), S_h the shares
+held by everyone else after the trade (S for a creation, S − σ for a redemption).
 
 The solvers work in *value fractions* x = p ⊙ δ / AUM, so that μ (`twm_mu`, the surrogate's
 strong-concavity modulus, δ_H = g/μ) and the step sizes do not depend on the pool's size or
@@ -40,7 +42,14 @@ from .discount import (
 )
 from .pool import PoolParams, PoolState
 
-__all__ = ["DISCOUNTS", "TwmResult", "discount_function", "twm_arbitrage", "swap_arbitrage"]
+__all__ = [
+    "DISCOUNTS",
+    "TwmResult",
+    "discount_function",
+    "twm_arbitrage",
+    "twm_settle",
+    "swap_arbitrage",
+]
 
 DISCOUNTS = ("none", "glp", "glp_axiomatic", "glp_smooth", "gmx")
 
@@ -127,15 +136,13 @@ def twm_arbitrage(
     r_ok = redeem.profit > threshold
     do_create = c_ok & (~r_ok | (create.profit >= redeem.profit))
     do_redeem = r_ok & ~do_create
-    share_price = value / state.supply
     delta = jnp.where(do_create, create.trade * to_tokens, 0.0)
     lam = jnp.where(do_redeem, redeem.trade * to_tokens, 0.0)
     value_in = fixed_sum(p * delta)
     value_out = fixed_sum(p * lam)
     f_create = jnp.where(do_create, F(delta), 0.0)
     f_redeem = jnp.where(do_redeem, F(-lam), 0.0)
-    minted = (1.0 + f_create) * value_in / share_price
-    burnt = value_out / ((1.0 + f_redeem) * share_price)
+    minted, burnt = twm_settle(value, state.supply, value_in, f_create, value_out, f_redeem)
     profit = jnp.where(do_create, f_create * value_in, 0.0) + jnp.where(
         do_redeem, value_out * f_redeem / (1.0 + f_redeem), 0.0
     )
@@ -147,6 +154,31 @@ def twm_arbitrage(
         created=do_create.astype(p.dtype),
         redeemed=do_redeem.astype(p.dtype),
     )
+
+
+def twm_settle(
+    value: Float[Array, ""],
+    supply: Float[Array, ""],
+    value_in: Float[Array, ""],
+    f_create: Float[Array, ""],
+    value_out: Float[Array, ""],
+    f_redeem: Float[Array, ""],
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """Shares minted for a deposit worth v = `value_in` and burnt for a withdrawal worth
+    pᵀλ = `value_out`, on a pool of AUM V = `value` and `supply` S.
+
+    Creation (§3.3): the depositor owns (1 + F)·v / (V + v) of the pool *after* the deposit,
+    worth (1 + F)·v, so m / (S + m) = (1 + F)·v / (V + v), i.e. m = S (1 + F) v / (V − F v).
+    Its gain m·(V + v)/(S + m) − v is then exactly F·v, eq. 7's objective. (Minting at the
+    pre-deposit price, m = (1 + F)·v·S/V, pays less than F·v: the new shares are diluted by
+    their own mint.) Redemption (eq. 9): σ = S·pᵀλ / ((1 + f)·V), bought at V/S, so the gain
+    pᵀλ − σ·V/S = pᵀλ·f/(1 + f) is eq. 10's objective. Zero trades mint and burn nothing.
+    """
+    tiny = jnp.finfo(value.dtype).tiny
+    denom = value - f_create * value_in
+    minted = supply * (1.0 + f_create) * value_in / jnp.where(denom > 0, denom, tiny)
+    burnt = supply * value_out / jnp.maximum((1.0 + f_redeem) * value, tiny)
+    return jnp.where(value_in > 0, minted, 0.0), jnp.where(value_out > 0, burnt, 0.0)
 
 
 def swap_arbitrage(

@@ -56,6 +56,7 @@ ACCOUNT_FIELDS = (
     "value_sum",
     "identity_error",
     "identity_error_step",
+    "lp_identity_error",  # the LP wealth identity (see `step`)
 )
 
 EVENT_FIELDS = (
@@ -424,6 +425,7 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     num = r  # index of the numéraire
     p_old = st.prices.copy()
     aum_before = aum(st, r)
+    supply_before = st.supply
 
     # 1. Oracle.
     x, st.garch_h = log_returns(spec, prm, noise.path, st.garch_h)
@@ -629,6 +631,20 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     aum_after = aum(st, r)
     terms = inventory + book_move + fees - bad_debt + flow
     violation = abs(aum_after - aum_before - terms) / max(abs(aum_before), 1e-30)
+    # LP wealth identity: the initial LPs hold h = initial_value shares throughout (flows are
+    # other LPs, minted and burnt at the share price), so their wealth h·AUM/supply moves by
+    # their pro-rata share of what happened while they held h of `supply` shares: the market
+    # terms before the flow over the opening supply, the exits' bad debt after it over the
+    # closing supply. (No target-weight arbitrage here: `twm_settle` is checked on its own.)
+    h = prm.initial_value
+    wealth_before = h * aum_before / supply_before
+    wealth_after = h * aum_after / st.supply
+    share_before = h / supply_before
+    share_after = h / st.supply
+    expected = share_before * (inventory + book_move + fees - liq.bad_debt) - share_after * (
+        ex.bad_debt
+    )
+    lp_violation = abs(wealth_after - wealth_before - expected) / max(abs(wealth_before), 1e-30)
     acc = st.accounts
     acc["inventory_pnl"] += inventory
     acc["book_pnl"] += book_move
@@ -655,8 +671,69 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     if violation > acc["identity_error"]:
         acc["identity_error"] = violation
         acc["identity_error_step"] = float(st.t)
+    acc["lp_identity_error"] = max(acc["lp_identity_error"], lp_violation)
     st.t += 1
     return st
+
+
+# --------------------------------------------------------------------------- target weights
+
+
+def glp_discount(
+    prices: np.ndarray,
+    target: np.ndarray,
+    reserves: np.ndarray,
+    delta: np.ndarray,
+    base: float,
+    tax: float,
+) -> float:
+    """Eq. 11 as printed, F = max(0, γ_b + max_i G_i(w(p, R), w(p, R + δ), w*)), by loops."""
+    n = len(prices)
+    before = [prices[i] * reserves[i] for i in range(n)]
+    after = [prices[i] * (reserves[i] + delta[i]) for i in range(n)]
+    vb, va = sum(before), sum(after)
+    best = -math.inf
+    for i in range(n):
+        wb, wa = before[i] / vb, after[i] / va
+        db, da = abs(wb - target[i]) / target[i], abs(wa - target[i]) / target[i]
+        if wa == wb:
+            g = 0.0
+        elif abs(wa - target[i]) < abs(wb - target[i]):
+            g = tax * db
+        else:
+            g = -tax / 2.0 * (db + da)
+        best = max(best, g)
+    return max(0.0, base + best)
+
+
+def twm_settle(
+    value: float,
+    supply: float,
+    deposit: float,
+    f_create: float,
+    withdrawal: float,
+    f_redeem: float,
+) -> dict[str, float]:
+    """Shares minted and burnt by a target-weight trade, and the arbitrageur's real gain.
+
+    Creation (Chitra et al. §3.3): depositing assets worth v into a pool worth V buys the
+    fraction (1 + F)·v / (V + v) of the pool after the deposit, so with q that fraction the
+    new shares m satisfy m = q·(S + m), i.e. m = S·q / (1 − q). Redemption (eq. 9): assets
+    worth pᵀλ = (1 + f)·(σ/S)·V cost σ shares. The gain is what the arbitrageur holds after
+    the trade at the post-trade share price, less what it paid: m·P' − v for a creation,
+    pᵀλ − σ·V/S for a redemption (it buys the σ shares at V/S).
+    """
+    out = {"minted": 0.0, "burnt": 0.0, "gain": 0.0}
+    if deposit > 0:
+        q = (1.0 + f_create) * deposit / (value + deposit)
+        m = supply * q / (1.0 - q)
+        out["minted"] = m
+        out["gain"] += m * (value + deposit) / (supply + m) - deposit
+    if withdrawal > 0:
+        sigma = withdrawal / (1.0 + f_redeem) / value * supply
+        out["burnt"] = sigma
+        out["gain"] += withdrawal - sigma * value / supply
+    return out
 
 
 # --------------------------------------------------------------------------- views

@@ -56,7 +56,7 @@ BUSY = {
     "simulation": {"num_pools": 1, "num_steps": T, "steps_per_year": 365.0, "dtype": "float64"},
 }
 
-ACCOUNT_TOTALS = tuple(f for f in ref.ACCOUNT_FIELDS if not f.startswith("identity_error"))
+ACCOUNT_TOTALS = tuple(f for f in ref.ACCOUNT_FIELDS if "identity_error" not in f)
 BOOK_FLOATS = ("size", "entry", "margin", "leverage")
 
 
@@ -168,6 +168,9 @@ def compare_state(st: ref.RefState, js, r: int, t: int) -> None:
         assert_close(where + name, st.accounts[name], getattr(js.accounts, name))
     assert st.accounts["identity_error"] < 1e-12
     assert float(js.accounts.identity_error) < 1e-12
+    # The LP wealth identity, computed independently by each (flows, liquidations, exits).
+    assert st.accounts["lp_identity_error"] < 1e-12
+    assert float(js.accounts.lp_identity_error) < 1e-12
 
 
 def test_jax_step_matches_reference_every_step(busy):
@@ -544,6 +547,57 @@ def test_invariants_over_random_configs(dtype, model, K, seed):
     assert np.all(avail >= -tol * scale), avail.min()
     assert np.all(state.accounts.identity_error < tol), state.accounts.identity_error.max()
     assert np.all(out.metrics["identity_error"] < tol)
+    assert np.all(out.metrics["lp_identity_error"] < tol)
     assert np.all(state.pool.supply > 0) and np.all(rec.share_price > 0)
     # The runs were not idle.
     assert state.accounts.opened.sum() > 0 and state.accounts.liquidations.sum() > 0
+
+
+def test_twm_settlement_matches_reference():
+    """Target-weight trades of a glp run (eq. 11 as printed), float64: the shares the JAX step
+    mints and burns and the dilution it reports match the reference's §3.3 / eq. 9
+    settlement (`ref.twm_settle`, with F from its own eq. 11, `ref.glp_discount`), and the
+    dilution is the arbitrageur's real gain."""
+    from pdlpjax.simulate import _available
+    from pdlpjax.twm import twm_arbitrage
+
+    raw = {**BUSY, "pool": {**BUSY["pool"], "discount": "glp"}}
+    with jax.enable_x64(True):
+        params, model, spec, _, _ = one_pool(raw)
+        key = P.pool_keys(0, 1)[0][0]
+        step = jax.jit(
+            lambda s, t: P.step(s, params, model, spec, P.draw_noise(model, spec, key, t))
+        )
+        r, pp = spec.num_risky, params.pool
+        s = P.init_state(params, model, spec)
+        kinds = set()
+        for t in range(30):
+            s = step(s, jnp.int32(t))
+            value = P.aum(s.pool, s.book, r)
+            tw = twm_arbitrage("glp", s.pool, value, _available(s.pool, s.book, r), pp, 10)
+            if float(tw.created + tw.redeemed) == 0:
+                continue
+            p, res = np.asarray(s.pool.prices), np.asarray(s.pool.reserves)
+            change = np.asarray(tw.reserve_change)
+            w, base, tax = (
+                np.asarray(pp.target_weights),
+                float(pp.discount_base),
+                float(pp.discount_tax),
+            )
+            F = ref.glp_discount(p, w, res, change, base, tax)
+            deposit = float(p @ np.maximum(change, 0.0))
+            withdrawal = float(p @ np.maximum(-change, 0.0))
+            want = ref.twm_settle(
+                float(value),
+                float(s.pool.supply),
+                deposit if float(tw.created) else 0.0,
+                F,
+                withdrawal if float(tw.redeemed) else 0.0,
+                F,
+            )
+            assert_close(
+                f"step {t} supply change", want["minted"] - want["burnt"], tw.supply_change
+            )
+            assert_close(f"step {t} dilution", want["gain"], tw.profit)
+            kinds.add("create" if float(tw.created) else "redeem")
+        assert "create" in kinds
