@@ -14,8 +14,10 @@ concavity in δ, and a maximum at trades reaching w*. This module has:
 - `quadratic_surrogate` h(δ) = gᵀδ − μ/2 ‖δ‖² and `discount_subgradient` g ∈ ∂F(0) (§3.3).
 
 All functions are pure and unbatched (n = number of assets), jit- and vmap-able, and work in
-float32 and float64. Integer fee arithmetic uses int64 under x64 and int32 otherwise; both
-are exact for USDG amounts below 2³⁰ (about 1.07 billion, see `_mul_div_floor`).
+float32 and float64. The integer fee is exact, and the same bit for bit with x64 on or off,
+for whole USDG amounts up to 2⁵⁸ (about 2.9e17) and bps up to 32,767: it computes in pairs
+of 30-bit int32 limbs (no int64 needed), with one float32 estimate of the final quotient
+corrected by exact integer tests (see `_mul_div_floor`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ._numerics import fixed_sum
@@ -72,29 +75,130 @@ def _float_dtype():
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
-def _to_int(x: ArrayLike) -> Int[Array, "*b"]:
-    """Whole units: floor a float amount, keep an integer one."""
+def _to_bps(x: ArrayLike) -> Int[Array, "*b"]:
+    """Integer basis points: round a float to the nearest integer, keep an integer.
+
+    Rounding, not flooring: a rate held as a fraction comes back from `rate * 1e4` a hair
+    below its integer about 6% of the time (0.0007 → 6.9999995 in float32, 0.0003 →
+    2.9999999999999996 in float64), and a floor would charge one basis point less.
+    """
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.floating):
-        x = jnp.floor(x)
+        x = jnp.round(x)
     return x.astype(_int_dtype())
 
 
-def _mul_div_floor(a: Array, b: Array, c: Array) -> Array:
-    """⌊a·b/c⌋ for integers a ≥ 0 (small: bps), b ≥ 0, c > 0, without overflowing a·b.
+# Exact integer arithmetic on USDG amounts without int64 (x64 off), used in both modes so
+# that they agree bit for bit. A nonnegative integer below 2⁶⁰ is a pair (lo, hi) of int32
+# limbs of 30 bits. Amounts are clipped to [0, 2⁵⁸], so every intermediate (I + Δ ≤ 2⁵⁹,
+# d0 + d1 < 2⁶⁰) fits, and a sum of two limbs plus a carry stays below 2³¹.
+_BITS = 30
+_MASK = (1 << _BITS) - 1
+_HALF_BITS = 15  # products are formed on 15-bit pieces: (2¹⁵ − 1)·2¹⁵ < 2³⁰
+_HALF_MASK = (1 << _HALF_BITS) - 1
+_MAX_AMOUNT = 2**58  # about 2.9e17 USDG
+_MAX_BPS = (1 << _HALF_BITS) - 1  # 32,767 bps: tax is clipped to [0, this]
 
-    Write b = q·c + r. Then ⌊a·b/c⌋ = a·q + ⌊a·r/c⌋. The second term is estimated in floating
-    point (off by at most 1 while a < 2²⁰) and corrected with the exact remainder a·r − k·c,
-    computed in wrapping integer arithmetic: its true value lies in (−c, 2c), so it is exact
-    whenever c < 2³⁰, even when a·r itself overflows int32.
+Limbs = tuple[Array, Array]
+
+
+def _limbs(x: ArrayLike) -> Limbs:
+    """Split an amount into (lo, hi): floor a float, clip to [0, 2⁵⁸] (NaN → 0), exactly.
+
+    Python and NumPy integers are split on the host in int64, so amounts above 2³¹ survive
+    x64 being off. Floats are split in their own dtype: for an integer-valued float t,
+    h = ⌊t·2⁻³⁰⌋ and t − 2³⁰·h (its low 30 bits, a subset of its significand) are exact.
     """
-    q = b // c
-    r = b - q * c
-    fdt = _float_dtype()
-    k = jnp.floor(a.astype(fdt) * (r.astype(fdt) / c.astype(fdt))).astype(b.dtype)
-    rem = a * r - k * c
-    k = k - (rem < 0).astype(b.dtype) + (rem >= c).astype(b.dtype)
-    return a * q + k
+    if isinstance(x, int | np.integer) or (
+        isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer)
+    ):
+        v = np.asarray(np.clip(np.asarray(x, dtype=object), 0, _MAX_AMOUNT), np.int64)
+        return jnp.asarray(v & _MASK, jnp.int32), jnp.asarray(v >> _BITS, jnp.int32)
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        if jnp.finfo(x.dtype).bits < 32:
+            x = x.astype(jnp.float32)
+        x = jnp.floor(x)
+        x = jnp.minimum(jnp.where(x >= 0, x, 0), float(_MAX_AMOUNT))  # NaN, x < 0 → 0
+        hi = jnp.floor(x * 2.0**-_BITS)
+        return (x - hi * 2.0**_BITS).astype(jnp.int32), hi.astype(jnp.int32)
+    if x.dtype == jnp.bool_ or jnp.iinfo(x.dtype).bits < 32:
+        x = x.astype(jnp.int32)
+    x = jnp.maximum(x, 0)
+    if jnp.iinfo(x.dtype).bits <= _BITS + 2:  # int32, uint32: at most 2 bits above lo
+        return (x & _MASK).astype(jnp.int32), (x >> _BITS).astype(jnp.int32)
+    x = jnp.minimum(x, _MAX_AMOUNT)
+    return (x & _MASK).astype(jnp.int32), (x >> _BITS).astype(jnp.int32)
+
+
+def _add(x: Limbs, y: Limbs) -> Limbs:
+    lo = x[0] + y[0]
+    return lo & _MASK, x[1] + y[1] + (lo >> _BITS)
+
+
+def _sub(x: Limbs, y: Limbs) -> tuple[Limbs, Array]:
+    """x − y and a flag x < y (then the limbs are meaningless)."""
+    lo = x[0] - y[0]
+    hi = x[1] - y[1] + (lo >> _BITS)  # arithmetic shift: the borrow is −1 or 0
+    return (lo & _MASK, hi), hi < 0
+
+
+def _less(x: Limbs, y: Limbs) -> Array:
+    return (x[1] < y[1]) | ((x[1] == y[1]) & (x[0] < y[0]))
+
+
+def _where(c: Array, x: Limbs, y: Limbs) -> Limbs:
+    return jnp.where(c, x[0], y[0]), jnp.where(c, x[1], y[1])
+
+
+def _abs_diff(x: Limbs, y: Limbs) -> Limbs:
+    lt = _less(x, y)
+    return _sub(_where(lt, y, x), _where(lt, x, y))[0]
+
+
+def _half(x: Limbs) -> Limbs:
+    """⌊x/2⌋: the low bit of hi becomes the top bit of lo."""
+    return (x[0] >> 1) | ((x[1] & 1) << (_BITS - 1)), x[1] >> 1
+
+
+def _to_float32(x: Limbs) -> Array:
+    """x in float32, within three roundings (relative error below 2⁻²²)."""
+    return x[1].astype(jnp.float32) * 2.0**_BITS + x[0].astype(jnp.float32)
+
+
+def _pieces(x: Limbs) -> tuple[Array, Array, Array, Array]:
+    """x as four 15-bit pieces, least significant first."""
+    lo, hi = x
+    return lo & _HALF_MASK, lo >> _HALF_BITS, hi & _HALF_MASK, hi >> _HALF_BITS
+
+
+def _at_least(a: Array, x: tuple, e: Array, c: tuple) -> Array:
+    """a·x ≥ e·c, exactly, for int32 factors 0 ≤ a, e ≤ 2¹⁵ and x, c as 15-bit pieces.
+
+    a·x − e·c is summed piece by piece with a signed carry (each term in (−2³⁰, 2³⁰), the
+    carry below 2¹⁶ in size): the value is ≥ 0 iff the final carry is.
+    """
+    carry = 0
+    for xi, ci in zip(x, c, strict=True):
+        carry = (a * xi - e * ci + carry) >> _HALF_BITS  # arithmetic shift: a floor
+    return jnp.asarray(carry) >= 0
+
+
+def _mul_div_floor(a: Array, x: Limbs, c: Limbs) -> Array:
+    """min(⌊a·x/c⌋, 2¹⁵ − 1) for int32 0 ≤ a < 2¹⁵ and limbs x ≥ 0, c > 0, exactly; int32.
+
+    A float32 estimate of a·x/c (relative error under 2⁻²⁰: x and c each within 2⁻²², a
+    division and a product) is off by less than 0.04 while the quotient is below 2¹⁵, so its
+    floor e is the quotient or one off. The exact tests a·x ≥ e·c and a·x ≥ (e + 1)·c
+    (`_at_least`; no product is formed whole) correct it. A quotient of 2¹⁵ − 1 or more (a
+    rebate far above any base fee) is returned as 2¹⁵ − 1.
+    """
+    est = a.astype(jnp.float32) * (_to_float32(x) / _to_float32(c))
+    e = jnp.clip(jnp.floor(est), 0, _MAX_BPS).astype(jnp.int32)
+    xp, cp = _pieces(x), _pieces(c)
+    low = ~_at_least(a, xp, e, cp)  # a·x < e·c: e is one too high
+    high = _at_least(a, xp, e + 1, cp)  # a·x ≥ (e + 1)·c: one too low
+    return jnp.minimum(e - low.astype(jnp.int32) + high.astype(jnp.int32), _MAX_BPS)
 
 
 def _soft_abs(x: Array, tau: ArrayLike) -> Array:
@@ -253,28 +357,38 @@ def gmx_fee_bps(
 
     **Arguments:** `initial_amount` (I), `delta` (Δ ≥ 0), `target_amount` (T): USDG amounts,
     floored to whole USDG (the contract keeps 18 decimals; whole units change a fee by at most
-    1 bp near a floor boundary). `base_bps`, `tax_bps`: integers. `increment`: True for a
+    1 bp near a floor boundary). `base_bps`, `tax_bps`: integers; float bps are rounded to
+    the nearest integer (a rate × 1e4 can land a hair below it). `increment`: True for a
     deposit (mint, or the token going into a swap). All broadcast elementwise.
-    **Returns:** the fee in bps, int64 under x64, else int32. Exact for amounts below 2³⁰
-    in both; with float32 inputs, amounts above 2²⁴ are already rounded before the floor.
+    **Returns:** the fee in bps, int64 under x64, else int32.
+
+    **Exactness:** equal to the integer formula (the contract's uint256 arithmetic) for every
+    amount in [0, 2⁵⁸] whole USDG (about 2.9e17) and bps in [0, 32767], in float32 and
+    float64 modes alike, with identical results in both. The inputs are taken as given: a
+    float32 amount above 2²⁴ has already been rounded to a float32 value (relative spacing
+    2⁻²³ to 2⁻²⁴: 32 USDG at 5e8) before it gets here, and that value's integer is used.
+    Python and NumPy integers are split on the host without loss even with x64 off (a NumPy
+    int64 passed as a `jax.jit` argument is wrapped to int32 by JAX first). Out of range:
+    negative or NaN amounts count as 0, amounts above 2⁵⁸ as 2⁵⁸, tax above 32,767 bps as
+    32,767.
     """
-    i_amt = _to_int(initial_amount)
-    d_amt = _to_int(delta)
-    t_amt = _to_int(target_amount)
-    base = _to_int(base_bps)
-    tax = _to_int(tax_bps)
-    i_amt, d_amt, t_amt, base, tax = jnp.broadcast_arrays(i_amt, d_amt, t_amt, base, tax)
-    next_amt = jnp.where(increment, i_amt + d_amt, jnp.maximum(i_amt - d_amt, 0))
-    safe_t = jnp.where(t_amt > 0, t_amt, 1)
-    d0 = jnp.abs(i_amt - t_amt)
-    d1 = jnp.abs(next_amt - t_amt)
-    rebate = _mul_div_floor(tax, d0, safe_t)
-    improving = jnp.maximum(base - rebate, 0)
-    # ⌊(d0 + d1)/2⌋ without forming d0 + d1 (which can overflow int32 near 2³¹).
-    avg = d0 // 2 + d1 // 2 + (d0 % 2 + d1 % 2) // 2
-    worsening = base + _mul_div_floor(tax, jnp.minimum(avg, t_amt), safe_t)
-    fee = jnp.where(d1 < d0, improving, worsening)
-    return jnp.where(jnp.asarray(dynamic) & (t_amt > 0), fee, base)
+    i_amt, d_amt, t_amt = _limbs(initial_amount), _limbs(delta), _limbs(target_amount)
+    base = _to_bps(base_bps)
+    tax = jnp.clip(_to_bps(tax_bps), 0, _MAX_BPS).astype(jnp.int32)
+    below, under = _sub(i_amt, d_amt)
+    below = (jnp.where(under, 0, below[0]), jnp.where(under, 0, below[1]))
+    next_amt = _where(increment, _add(i_amt, d_amt), below)
+    has_target = (t_amt[0] != 0) | (t_amt[1] != 0)
+    one = (jnp.where(has_target, t_amt[0], 1), t_amt[1])  # T, or 1 where T = 0
+    d0 = _abs_diff(i_amt, t_amt)
+    d1 = _abs_diff(next_amt, t_amt)
+    improves = _less(d1, d0)
+    avg = _half(_add(d0, d1))
+    capped = _where(_less(t_amt, avg), t_amt, avg)
+    # One division serves both branches: ⌊tax·d0/T⌋ (rebate) or ⌊tax·min(avg, T)/T⌋ (tax).
+    k = _mul_div_floor(tax, _where(improves, d0, capped), one).astype(base.dtype)
+    fee = jnp.where(improves, jnp.maximum(base - k, 0), base + k)
+    return jnp.where(jnp.asarray(dynamic) & has_target, fee, base)
 
 
 def gmx_fee_bps_smooth(
@@ -373,8 +487,8 @@ def swap_fee_bps(
     The token in increments by `usdg_delta`, the token out decrements by it. A swap between
     two stablecoins (`stable_swap`) uses the stable base (1 bp) and stable tax (5 bp).
     """
-    base = jnp.where(stable_swap, _to_int(stable_swap_bps), _to_int(swap_bps))
-    tax = jnp.where(stable_swap, _to_int(stable_tax_bps), _to_int(tax_bps))
+    base = jnp.where(stable_swap, _to_bps(stable_swap_bps), _to_bps(swap_bps))
+    tax = jnp.where(stable_swap, _to_bps(stable_tax_bps), _to_bps(tax_bps))
     fee_in = gmx_fee_bps(usdg_in, usdg_delta, target_in, base, tax, True, dynamic)
     fee_out = gmx_fee_bps(usdg_out, usdg_delta, target_out, base, tax, False, dynamic)
     return jnp.maximum(fee_in, fee_out)
