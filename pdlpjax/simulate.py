@@ -845,6 +845,18 @@ class SimResult:
     masked: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
 
 
+def _metrics_batched(state: SimState, params: Params, num_steps, *, spec: SimSpec):
+    """Every pool's metrics from its final state (batched)."""
+    metrics = finalize_stats(state.stats, spec.steps_per_year)
+    if spec.mode == "pdlp":
+        metrics |= account_metrics(
+            state.accounts, params.pool.initial_value, num_steps, spec.steps_per_year
+        )
+    if spec.hedge:
+        metrics |= hedge_metrics(state.hedge, metrics["sharpe"], spec.steps_per_year)
+    return metrics
+
+
 def _default_pool_block() -> int:
     """Pools per compiled call when `simulate(pool_block=None)`: `POOL_BLOCK` on a CPU, where
     it keeps results independent of the batch size; a large block on accelerators, which
@@ -984,13 +996,13 @@ def simulate(
         if on_chunk is not None:
             on_chunk(done, state, records)
     state = _join_pools(states, num_pools)
-    metrics = finalize_stats(state.stats, spec.steps_per_year)
-    if spec.mode == "pdlp":
-        metrics |= account_metrics(
-            state.accounts, params.pool.initial_value, num_steps, spec.steps_per_year
-        )
-    if spec.hedge:
-        metrics |= hedge_metrics(state.hedge, metrics["sharpe"], spec.steps_per_year)
+    # The metrics too go through one compiled program per block: an eager computation on
+    # the whole batch would round by the batch size again.
+    steps = jnp.asarray(num_steps, jnp.int32)
+    metrics_fn, c = _compiled(_metrics_batched, (states[0], parts[0][0], steps), spec=spec)
+    compile_s += c
+    per_block = [metrics_fn(s, p[0], steps) for s, p in zip(states, parts, strict=True)]
+    metrics = _join_pools(per_block, num_pools)
     invalid = _host(state.accounts.invalid_step) >= 0  # one transfer, not one per metric
     masked = np.flatnonzero(invalid)
     metrics = {k: np.where(invalid, np.nan, _host(v)) for k, v in metrics.items()}
