@@ -17,11 +17,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from pathlib import Path
 
 import jax
 import jax.tree_util as jtu
 
+from .build import make_params, make_spec
 from .config import SECTIONS, Config, ConfigError, Grid, specs
+from .paths import GBM
+from .simulate import POOL_BLOCK, _init_batched, _record
 
 __all__ = ["estimate_bytes", "available_bytes", "check_memory"]
 
@@ -47,11 +51,11 @@ def _combos(cfg: Config) -> int:
 
 def _per_pool(cfg: Config) -> dict[str, float]:
     """Bytes per pool of the state, the params and one record row (traced, not allocated)."""
-    if cfg.simulation.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    from .build import make_params, make_spec
-    from .paths import GBM
-    from .simulate import _init_batched, _record
+    with jax.enable_x64(cfg.simulation.dtype == "float64"):
+        return _traced_sizes(cfg)
+
+
+def _traced_sizes(cfg: Config) -> dict[str, float]:
 
     n = _combos(cfg)
     small = cfg
@@ -110,6 +114,8 @@ def estimate_bytes(cfg: Config, command: str = "run") -> dict[str, float]:
         parts["gradient"] = GRAD_COPIES * size["state"] * train * steps
     else:
         parts["params"] = size["params"] * pools
+    if command != "calibrate":  # `simulate` pads the pools to whole blocks
+        pools = -(-pools // POOL_BLOCK) * POOL_BLOCK
     parts["state"] = STATE_COPIES * size["state"] * pools
     every = cfg.output.record_every
     if every and command != "calibrate":
@@ -129,8 +135,7 @@ def _sweep_combos(cfg: Config) -> int:
     return swept * _combos(cfg)
 
 
-def available_bytes() -> int | None:
-    """`MemAvailable` of /proc/meminfo (Linux), else the free physical pages, else None."""
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -142,6 +147,33 @@ def available_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _cgroup_room() -> int | None:
+    """Memory this process's cgroup may still use (containers, Slurm), or None if unlimited."""
+    pairs = (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",  # cgroup v1
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    )
+    for limit_file, usage_file in pairs:
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # v1 writes a huge number for "no limit"
+            return max(int(limit) - usage, 0)
+    return None
+
+
+def available_bytes() -> int | None:
+    """Memory a run may still take: the smaller of `MemAvailable` of /proc/meminfo (else the
+    free physical pages) and the room left under a cgroup limit; None when neither is known."""
+    known = [x for x in (_meminfo_available(), _cgroup_room()) if x is not None]
+    return min(known) if known else None
 
 
 def _gb(x: float) -> str:

@@ -659,7 +659,12 @@ def ignored_because(cfg: Config, section: str, key: str) -> str | None:
     if section in _PASSIVE_KEYS and pool.mode == "passive" and key not in _PASSIVE_KEYS[section]:
         return 'pool.mode = "passive"'
     if section == "paths" and key != "model" and key not in MODEL_KEYS[p.model]:
-        return f'paths.model = "{p.model}"'
+        # Whatever the path model, the traders' momentum scales the last return by `vols`,
+        # and a hedge with the model's covariance reads `vols` and `correlation`.
+        model_cov = h.enabled and h.covariance == "model"
+        if not (key == "vols" and (pool.mode == "pdlp" or model_cov)):
+            if not (key == "correlation" and model_cov):
+                return f'paths.model = "{p.model}"'
     if section == "hedge" and key != "enabled":
         if not h.enabled:
             return "hedge.enabled = false"

@@ -86,9 +86,16 @@ def prepare_out_dir(cfg: Config, out_dir: str | Path | None = None) -> Path:
     elif out_dir is None:
         stem = Path("runs") / f"{cfg.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         out_dir, n = stem, 1
-        while out_dir.exists():
-            n += 1
-            out_dir = stem.with_name(f"{stem.name}-{n}")
+        while True:  # claim the folder by creating it: runs started together never share one
+            try:
+                stem.parent.mkdir(parents=True, exist_ok=True)
+                out_dir.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                out_dir = stem.with_name(f"{stem.name}-{n}")
+            except OSError:
+                break  # reported below as not writable
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

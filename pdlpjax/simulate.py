@@ -857,11 +857,14 @@ def _metrics_batched(state: SimState, params: Params, num_steps, *, spec: SimSpe
     return metrics
 
 
-def _default_pool_block() -> int:
+def _default_pool_block(num_pools: int) -> int:
     """Pools per compiled call when `simulate(pool_block=None)`: `POOL_BLOCK` on a CPU, where
-    it keeps results independent of the batch size; a large block on accelerators, which
-    need many pools per kernel to be busy."""
-    return POOL_BLOCK if jax.default_backend() == "cpu" else 16384
+    it keeps results independent of the batch size. Accelerators need many pools per kernel
+    to be busy: there the batch, rounded up to a multiple of `POOL_BLOCK`, runs as one block
+    of at most 16,384 pools (so the batch-size invariance is only claimed on a CPU)."""
+    if jax.default_backend() == "cpu":
+        return POOL_BLOCK
+    return min(16384, -(-num_pools // POOL_BLOCK) * POOL_BLOCK)
 
 
 def _pad_pools(tree: Any, size: int) -> Any:
@@ -935,7 +938,9 @@ def simulate(
             )
         block = num_pools
     else:
-        block = _default_pool_block() if pool_block is None else pool_block
+        if pool_block is not None and pool_block < 0:
+            raise ValueError(f"pool_block must be >= 0 (0: one block), got {pool_block}")
+        block = _default_pool_block(num_pools) if pool_block is None else pool_block
         block = block or num_pools
     padded = -(-num_pools // block) * block
     parts = _split_pools(_pad_pools((params, keys, flips), padded), block)
@@ -954,7 +959,9 @@ def simulate(
         if num_devices > 1:
             states = [_shard_pools(s, num_devices) for s in states]
     unit = spec.record_every or 1
-    max_blocks = chunk_length // unit
+    # Without a record the chunk program does not depend on the chunk length at all (one
+    # executable for every chunk length); with one, its record buffer has a row per block.
+    max_blocks = chunk_length // unit if spec.record_every else 0
     while done < num_steps:
         length = min(chunk_length, num_steps - done)
         blocks = jnp.asarray(length // unit, jnp.int32)
@@ -963,11 +970,12 @@ def simulate(
         recs = []
         for b, (p, k, f) in enumerate(parts):
             args = (states[b], p, model, k, f, blocks, start)
-            fn, c = _compiled(
-                _chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices
-            )
-            compile_s += c
-            t0 += c
+            if b == 0:  # every block has the same signature: one lookup per chunk
+                fn, c = _compiled(
+                    _chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices
+                )
+                compile_s += c
+                t0 += c
             states[b], rec = fn(*args)
             recs.append(rec)
         jax.block_until_ready(states)

@@ -195,7 +195,15 @@ def test_safe_names_are_accepted():
 # --------------------------------------------------------------------------- memory
 
 
-def test_twenty_million_pools_are_refused_before_compiling(capsys, tmp_path, no_compile):
+@pytest.fixture
+def sixteen_gb(monkeypatch):
+    """The memory checks see 16 GB available, whatever this machine has."""
+    monkeypatch.setattr(_memory, "available_bytes", lambda: 16 * 10**9)
+
+
+def test_twenty_million_pools_are_refused_before_compiling(
+    capsys, tmp_path, no_compile, sixteen_gb
+):
     args = ["run", QUICKSTART, "--set", "simulation.num_pools=20000000", "--quiet"]
     assert cli.main([*args, "--out", str(tmp_path / "run")]) == 2
     line = _error_line(capsys)
@@ -204,7 +212,7 @@ def test_twenty_million_pools_are_refused_before_compiling(capsys, tmp_path, no_
     assert not (tmp_path / "run").exists()
 
 
-def test_sweep_and_calibrate_memory_is_checked(capsys, tmp_path, no_compile):
+def test_sweep_and_calibrate_memory_is_checked(capsys, tmp_path, no_compile, sixteen_gb):
     sweep = [
         "sweep",
         str(ROOT / "configs" / "hedged_sharpe.toml"),
@@ -245,6 +253,9 @@ def test_memory_estimate_parts():
         < _memory.estimate_bytes(sweep, "sweep")["state"]
     )
     assert _memory.available_bytes() is None or _memory.available_bytes() > 0
+    # Padded to whole blocks of pools: 1 pool costs as much state as POOL_BLOCK.
+    one = _memory.estimate_bytes(load_config(QUICKSTART, ["simulation.num_pools=1"]))
+    assert one["state"] == pytest.approx(plain["state"] / 2)
     with pytest.raises(ConfigError, match="more than the 0.5 GB available"):
         _memory.check_memory(cfg, "run", available=500_000_000)
     _memory.check_memory(cfg, "run", available=10**12)
@@ -296,3 +307,26 @@ def test_run_notes_the_sections_it_ignores(capsys, tmp_path, stub_run):
     assert cli.main(["run", fee, "--out", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
     assert "note: pdlpjax run ignores [sweep] and [calibrate]" in err
+
+
+def test_runs_started_together_get_their_own_folders(tmp_path, monkeypatch):
+    """The default folder is claimed by creating it, so 8 runs in the same second (threads
+    racing) get 8 folders."""
+    import threading
+
+    from pdlpjax.results import prepare_out_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(QUICKSTART)
+    outs, barrier = [], threading.Barrier(8)
+
+    def one():
+        barrier.wait()
+        outs.append(prepare_out_dir(cfg))
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({str(o) for o in outs}) == 8

@@ -167,16 +167,16 @@ def test_guard_catches_negative_reserves_and_over_lending():
     noise = P.draw_noise(model, spec, P.pool_keys(0, 1)[0][0], jnp.int32(0))
     s = P.step(s, p0, model, spec, noise)
     value = P.aum(s.pool, s.book, 3)
-    ok = _guard_code(s.pool, s.book, 3, value, jnp.float32(0.0), spec)
+    ok = _guard_code(s.pool, s.book, 3, value, jnp.float32(0.0), jnp.float32(0.0), spec)
     assert float(ok) == 0.0
     neg = eqx.tree_at(lambda q: q.reserves, s.pool, s.pool.reserves.at[0].set(-1.0))
-    assert int(_guard_code(neg, s.book, 3, value, jnp.float32(0.0), spec)) & 2
+    assert int(_guard_code(neg, s.book, 3, value, jnp.float32(0.0), jnp.float32(0.0), spec)) & 2
     lent = eqx.tree_at(
         lambda b: (b.size, b.is_open),
         s.book,
         (s.book.size.at[0, 0, 0].set(1e9), s.book.is_open.at[0, 0, 0].set(True)),
     )
-    assert int(_guard_code(s.pool, lent, 3, value, jnp.float32(0.0), spec)) & 4
+    assert int(_guard_code(s.pool, lent, 3, value, jnp.float32(0.0), jnp.float32(0.0), spec)) & 4
 
 
 # --------------------------------------------------------------------------- stress

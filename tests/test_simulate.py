@@ -91,12 +91,30 @@ def test_batch_size_invariance_comes_from_the_pool_block():
 
 @pytest.mark.parametrize("model", ["gbm", "garch"])
 def test_pool_result_independent_of_chunk_length(model):
+    """Bitwise, because every chunk length runs the same executable (the trip count is
+    traced and, without a record, nothing in the program depends on the chunk length)."""
     cfg = small_config(model, num_pools=4)
-    results = [run(cfg, chunk_length=c) for c in (1, 10, 30)]
+    results = [run(cfg, chunk_length=30)]
+    before = P.simulate.__globals__["trace_count"]()
+    results += [run(cfg, chunk_length=c) for c in (1, 7, 10)]
+    assert P.simulate.__globals__["trace_count"]() == before
     for r in results[1:]:
         assert_trees_equal(results[0].state, r.state)
         for k in r.metrics:
             np.testing.assert_array_equal(results[0].metrics[k], r.metrics[k])
+
+
+def test_records_independent_of_chunk_length():
+    """With a record the chunk program's buffer has a row per block, so chunk lengths 10
+    and 30 are two executables: they are promised to agree to rounding, not bitwise."""
+    cfg = small_config(num_pools=3)
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, record_every=5))
+    a, b = run(cfg, chunk_length=10), run(cfg, chunk_length=30)
+    for x, y in zip(
+        jtu.tree_leaves((a.state, a.record)), jtu.tree_leaves((b.state, b.record)), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert a.record.share_price.shape == (3, 6)
 
 
 def test_different_pools_get_different_paths():

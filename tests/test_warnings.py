@@ -101,12 +101,20 @@ def test_ignored_keys_are_named(sections, keys, why):
 
 
 def test_ignored_keys_with_the_bootstrap(tmp_path):
-    cfg = config_from_dict(
-        _raw(paths={"model": "bootstrap", "data": str(tmp_path), "vols": 0.9, "drifts": 0.1})
-    )
+    """`drifts` and `correlation` are ignored; `vols` still scales the traders' momentum in
+    pdlp mode, and the model-covariance hedge reads `vols` and `correlation`."""
+    paths = {"model": "bootstrap", "data": str(tmp_path), "vols": 0.9, "drifts": 0.1}
+    paths["correlation"] = [[1.0]]
+    cfg = config_from_dict(_raw(paths=paths))
     assert cfg.warnings == (
-        'paths.vols, paths.drifts: set but ignored with paths.model = "bootstrap"',
+        'paths.drifts, paths.correlation: set but ignored with paths.model = "bootstrap"',
     )
+    hedged = config_from_dict(
+        _raw(paths=paths, hedge={"enabled": True, "covariance": "model", "every": 4})
+    )
+    assert hedged.warnings == ('paths.drifts: set but ignored with paths.model = "bootstrap"',)
+    passive = config_from_dict(_raw(paths=paths, pool={"mode": "passive"}))
+    assert any("paths.vols" in w for w in passive.warnings)
 
 
 def test_ignored_swept_and_free_params():
