@@ -68,6 +68,9 @@ def _rejections(metrics: dict) -> str | None:
         return None
     opened = np.asarray(metrics["opened"], float)
     rejected = np.asarray(metrics["rejected"], float)
+    # `opened` counts cohorts written and `rejected` counts requests; a cohort takes one or
+    # two requests (the traders' and the funding arbitrageur's), so the share is at most
+    # slightly above the share of requests rejected.
     tried = opened + rejected
     share = np.where(tried > 0, rejected / np.where(tried > 0, tried, 1.0), 0.0)
     bad = np.isfinite(share) & (share > REJECTED_LIMIT)
@@ -76,7 +79,8 @@ def _rejections(metrics: dict) -> str | None:
     i = int(np.argmax(np.where(bad, share, -np.inf)))
     return (
         f"{int(np.sum(bad))} of {share.size} pools rejected more than {REJECTED_LIMIT:.0%} of "
-        f"their trades (worst: pool {i}, {rejected[i]:.0f} of {tried[i]:.0f}); check "
+        f"their trades (worst: pool {i}, {rejected[i]:.0f} requests rejected, "
+        f"{opened[i]:.0f} cohorts opened); check "
         "market.leverage against market.max_leverage, and pool.max_utilisation"
     )
 

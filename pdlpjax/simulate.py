@@ -567,7 +567,9 @@ def hedged_lp_identity(
     W_h = h·P + cash, so ΔW_h = h·ΔP + π_oldᵀ(p_new − p_old) − Σ γ_L π_old p_new
     − Σ c |π_new − π_old| p_new: the unhedged LP's change (checked by `lp_identity`), the
     hedge's PnL, less its funding and trading costs, recomputed here from the positions
-    (not from `hedge_step`'s running totals). W_h is read from the hedged `stats`.
+    and W_h read from the hedged `stats`. It checks the hedge's cash bookkeeping (a term
+    lost, double-counted or booked at the wrong price), not the formulas themselves: PnL
+    and funding are written as in `hedge_step` (the NumPy reference checks those).
     **Returns:** |ΔW_h − that| / max(|W_h|, h·|P|) before the step.
     """
     h = old.shares
