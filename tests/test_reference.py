@@ -569,12 +569,18 @@ def test_twm_settlement_matches_reference():
             lambda s, t: P.step(s, params, model, spec, P.draw_noise(model, spec, key, t))
         )
         r, pp = spec.num_risky, params.pool
+
+        @jax.jit  # one compile, not 30 op-by-op solver runs
+        def trade(s):
+            value = P.aum(s.pool, s.book, r)
+            tw = twm_arbitrage("glp", s.pool, value, _available(s.pool, s.book, r), pp, 10)
+            return value, tw
+
         s = P.init_state(params, model, spec)
         kinds = set()
         for t in range(30):
             s = step(s, jnp.int32(t))
-            value = P.aum(s.pool, s.book, r)
-            tw = twm_arbitrage("glp", s.pool, value, _available(s.pool, s.book, r), pp, 10)
+            value, tw = trade(s)
             if float(tw.created + tw.redeemed) == 0:
                 continue
             p, res = np.asarray(s.pool.prices), np.asarray(s.pool.reserves)
