@@ -4,7 +4,8 @@
 
 `simulate` runs the pools in blocks of `pool_block` pools through one compiled program
 (default 128 on a CPU), so that a pool's results do not depend on the batch size on any CPU
-(see `pdlpjax.simulate.simulate`). The baseline, in the same process, is `pool_block = 0`:
+(see `pdlpjax.simulate.simulate`), the blocks of a chunk on a thread per core. The
+baseline, in the same process, is `pool_block = 0`:
 the whole batch as one program, as before blocks. Throughput's matched scenario
 (`benchmarks/throughput.py`: 5 risky assets + USDC, K = 16, hourly), `--pools` pools,
 `--steps` steps in chunks of 24. Each block size is compiled first (its compile seconds

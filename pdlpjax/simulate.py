@@ -13,8 +13,10 @@ so a new value of any dynamic param never recompiles (`trace_count()` tells, for
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -927,8 +929,9 @@ def simulate(
     i mod `pool_block` of the same executable, whatever the number of pools, so its results
     are bitwise the same for any batch size on any CPU. (XLA's vectorised loops round a
     partial last vector differently from full ones on some CPUs, e.g. with AVX-512, so a
-    program whose pool axis is the batch size cannot promise that.) `pool_block = 0` runs
-    all pools as one block, unpadded. With `num_devices` > 1 the pools run as one block.
+    program whose pool axis is the batch size cannot promise that.) The blocks of a chunk
+    run on a thread per core. `pool_block = 0` runs all pools as one block, unpadded. With
+    `num_devices` > 1 the pools run as one block.
     """
     num_pools = jtu.tree_leaves(params)[0].shape[0]
     keys, flips = pool_keys(seed, num_pools, spec.antithetic, key_index)
@@ -969,18 +972,24 @@ def simulate(
         blocks = jnp.asarray(length // unit, jnp.int32)
         start = jnp.asarray(done, jnp.int32)
         t0 = time.perf_counter()
-        recs = []
-        for b, (p, k, f) in enumerate(parts):
-            args = (states[b], p, model, k, f, blocks, start)
-            if b == 0:  # every block has the same signature: one lookup per chunk
-                fn, c = _compiled(
-                    _chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices
-                )
-                compile_s += c
-                t0 += c
-            states[b], rec = fn(*args)
-            recs.append(rec)
-        jax.block_until_ready(states)
+        args = (states[0], *parts[0][:1], model, *parts[0][1:], blocks, start)
+        fn, c = _compiled(_chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices)
+        compile_s += c
+        t0 += c
+
+        def run_block(b, fn=fn, states=states, blocks=blocks, start=start):
+            p, k, f = parts[b]
+            return jax.block_until_ready(fn(states[b], p, model, k, f, blocks, start))
+
+        # Blocks are independent: run them on a thread per core (XLA does not split one small
+        # block's loops over cores as it does one large batch's).
+        if len(parts) > 1:
+            with ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1)) as pool:
+                outs = list(pool.map(run_block, range(len(parts))))
+        else:
+            outs = [run_block(0)]
+        states = [s for s, _ in outs]
+        recs = [r for _, r in outs]
         dt = time.perf_counter() - t0
         t_run += dt
         chunk_seconds.append(dt)
