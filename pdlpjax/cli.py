@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(
             "--overwrite",
             action="store_true",
-            help="write into an existing results folder that already holds files",
+            help="write into an existing results folder that already holds files (files of the "
+            "same name are replaced; other old files stay)",
         )
         run.add_argument("--quiet", action="store_true", help="no progress or summary line")
         if name != "calibrate":  # a calibration has no checkpoint (they are short)
