@@ -892,6 +892,8 @@ def _split_pools(tree: Any, block: int) -> list:
 def _join_pools(parts: list, num_pools: int) -> Any:
     """The inverse of `_split_pools`, cut back to the first `num_pools` pools."""
     if len(parts) == 1:
+        if jtu.tree_leaves(parts[0])[0].shape[0] == num_pools:
+            return parts[0]  # unpadded (and, across processes, not touched)
         return jtu.tree_map(lambda x: x[:num_pools], parts[0])
     return jtu.tree_map(lambda *xs: jnp.concatenate(xs)[:num_pools], *parts)
 
@@ -971,11 +973,11 @@ def simulate(
         length = min(chunk_length, num_steps - done)
         blocks = jnp.asarray(length // unit, jnp.int32)
         start = jnp.asarray(done, jnp.int32)
-        t0 = time.perf_counter()
-        args = (states[0], *parts[0][:1], model, *parts[0][1:], blocks, start)
+        p0, k0, f0 = parts[0]
+        args = (states[0], p0, model, k0, f0, blocks, start)
         fn, c = _compiled(_chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices)
         compile_s += c
-        t0 += c
+        t0 = time.perf_counter()
 
         def run_block(b, fn=fn, states=states, blocks=blocks, start=start):
             p, k, f = parts[b]
@@ -989,19 +991,16 @@ def simulate(
         else:
             outs = [run_block(0)]
         states = [s for s, _ in outs]
-        recs = [r for _, r in outs]
         dt = time.perf_counter() - t0
         t_run += dt
         chunk_seconds.append(dt)
-        if recs[0] is not None:
-            records.append(
-                jtu.tree_map(
-                    lambda *xs, n=length // unit: np.concatenate([_host(x)[:, :n] for x in xs])[
-                        :num_pools
-                    ],
-                    *recs,
-                )
-            )
+        if spec.record_every:
+            rows = length // unit
+
+            def rows_of(*xs, rows=rows):
+                return np.concatenate([_host(x)[:, :rows] for x in xs])[:num_pools]
+
+            records.append(jtu.tree_map(rows_of, *[r for _, r in outs]))
         done += length
         state = _join_pools(states, num_pools)
         invalid = _host(state.accounts.invalid_step)
