@@ -23,7 +23,7 @@ import jax
 import jax.tree_util as jtu
 
 from .build import make_params, make_spec
-from .config import SECTIONS, Config, ConfigError, Grid, specs
+from .config import SECTIONS, Config, ConfigError, Grid, _depth, _listify, specs
 from .paths import GBM
 from .simulate import POOL_BLOCK, _init_batched, _record
 
@@ -56,7 +56,6 @@ def _per_pool(cfg: Config) -> dict[str, float]:
 
 
 def _traced_sizes(cfg: Config) -> dict[str, float]:
-
     n = _combos(cfg)
     small = cfg
     if cfg.simulation.num_pools != n and not _has_per_pool_lists(cfg):
@@ -81,13 +80,9 @@ def _has_per_pool_lists(cfg: Config) -> bool:
     for sec, cls in SECTIONS.items():
         for name, spec in specs(cls).items():
             value = getattr(getattr(cfg, sec), name)
-            if spec.kind == "dynamic" and isinstance(value, tuple) and _depth(value) > spec.rank:
+            if spec.kind == "dynamic" and _depth(_listify(value)) > spec.rank:
                 return True
     return False
-
-
-def _depth(value) -> int:
-    return 1 + _depth(value[0]) if isinstance(value, tuple) and value else 0
 
 
 def estimate_bytes(cfg: Config, command: str = "run") -> dict[str, float]:

@@ -18,6 +18,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from ._memory import check_memory
 from .config import ARRAYS, SECTIONS, TOP_LEVEL, ConfigError, key_rows, load_config
 from .results import Interrupted, SimulationError, run_config
 
@@ -118,8 +119,10 @@ def _print_keys(section: str | None) -> None:
     current = None
     for r in rows:
         if r["section"] != current:
+            if current is not None:
+                print()
             current = r["section"]
-            print(f"{'' if r is rows[0] else chr(10)}[{current}]")
+            print(f"[{current}]")
         extra = f"  range {r['range']}" if r["range"] else ""
         print(f"  {r['key']:<{width}}  {r['kind']}, default {r['default']}{extra}")
         print(f"  {'':<{width}}  {r['meaning']}")
@@ -193,16 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "calibrate":
         from .calibrate import calibrate_config
 
-        def runner(cfg, out, quiet=False):
-            return calibrate_config(cfg, out, quiet=quiet)
+        runner = calibrate_config
     else:
         runner = run_config
     try:
         if args.command == "keys":
             _print_keys(args.section)
             return 0
-        from ._memory import check_memory
-
         if resume is not None:
             if args.config or args.overrides or args.out:
                 raise ConfigError(

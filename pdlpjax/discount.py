@@ -376,8 +376,7 @@ def gmx_fee_bps(
     base = _to_bps(base_bps)
     tax = jnp.clip(_to_bps(tax_bps), 0, _MAX_BPS).astype(jnp.int32)
     below, under = _sub(i_amt, d_amt)
-    below = (jnp.where(under, 0, below[0]), jnp.where(under, 0, below[1]))
-    next_amt = _where(increment, _add(i_amt, d_amt), below)
+    next_amt = _where(increment, _add(i_amt, d_amt), _where(under, (0, 0), below))
     has_target = (t_amt[0] != 0) | (t_amt[1] != 0)
     one = (jnp.where(has_target, t_amt[0], 1), t_amt[1])  # T, or 1 where T = 0
     d0 = _abs_diff(i_amt, t_amt)

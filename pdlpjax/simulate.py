@@ -1002,17 +1002,19 @@ def simulate(
 
             records.append(jtu.tree_map(rows_of, *[r for _, r in outs]))
         done += length
-        state = _join_pools(states, num_pools)
-        invalid = _host(state.accounts.invalid_step)
-        if not spec.mask_invalid and np.any(invalid >= 0):
-            bad = np.flatnonzero(invalid >= 0)
-            first = int(bad[np.argmin(invalid[bad])])
-            code = float(_host(state.accounts.invalid_code)[first])
-            raise InvalidPoolError(first, int(invalid[first]), code, state)
+        if not spec.mask_invalid:  # the guards read one small field per block, not the state
+            invalid = np.concatenate([_host(s.accounts.invalid_step) for s in states])
+            invalid = invalid[:num_pools]
+            if np.any(invalid >= 0):
+                state = _join_pools(states, num_pools)
+                bad = np.flatnonzero(invalid >= 0)
+                first = int(bad[np.argmin(invalid[bad])])
+                code = float(_host(state.accounts.invalid_code)[first])
+                raise InvalidPoolError(first, int(invalid[first]), code, state)
         if progress is not None:
             progress(done, num_steps, t_run, compile_s)
         if on_chunk is not None:
-            on_chunk(done, state, records)
+            on_chunk(done, _join_pools(states, num_pools), records)
     state = _join_pools(states, num_pools)
     # The metrics too go through one compiled program per block: an eager computation on
     # the whole batch would round by the batch size again.
