@@ -91,6 +91,7 @@ from .simulate import (
     simulate,
     step,
 )
+from .stress import StressGrid, skew_book, stress_grid, stress_test
 from .sweep import paired_difference, run_sweep, sweep_config
 
 try:
@@ -200,4 +201,8 @@ __all__ = [
     "make_optimizer",
     "objective_value",
     "to_value",
+    "StressGrid",
+    "skew_book",
+    "stress_grid",
+    "stress_test",
 ]

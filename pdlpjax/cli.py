@@ -1,7 +1,9 @@
-"""Command line: `pdlpjax run|sweep|calibrate CONFIG [--set section.key=value ...] [--out DIR]`.
+"""Command line: `pdlpjax run|sweep|calibrate|stress CONFIG [--set section.key=value ...]`.
 
 `run` simulates a config; `sweep` runs its `[sweep]` grid as one paired comparison;
-`calibrate` fits its `[calibrate]` params by gradient; `keys [SECTION]` lists every config key.
+`calibrate` fits its `[calibrate]` params by gradient; `stress` reports trader PnL ÷ pool value
+over a price-shock × open-interest-skew grid of the config's final books (`pdlpjax.stress`);
+`keys [SECTION]` lists every config key.
 `pdlpjax run|sweep --resume DIR` continues an interrupted run from DIR's checkpoint.
 Errors in the config or its data print one line (`error: ...`) and exit with status 2,
 before anything is compiled: among them a results folder that already holds files (without
@@ -36,6 +38,11 @@ _COMMANDS = {
         "fit the config's [calibrate] params by gradient (optax)",
         "configs/calibrate_hedge.toml",
         "calibrate",
+    ),
+    "stress": (
+        "trader PnL / pool value over a price shock x open-interest skew grid",
+        "configs/quickstart.toml",
+        None,
     ),
 }
 # Sections only the experiment scripts' own configs have (a fallback when the file does not
@@ -96,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
             "same name are replaced; other old files stay)",
         )
         run.add_argument("--quiet", action="store_true", help="no progress or summary line")
-        if name != "calibrate":  # a calibration has no checkpoint (they are short)
+        if name == "stress":
+            _stress_options(run)
+        elif name != "calibrate":  # a calibration has no checkpoint (they are short)
             run.add_argument(
                 "--resume",
                 metavar="DIR",
@@ -111,6 +120,57 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("section", nargs="?", help=f"one of {', '.join(SECTIONS)}")
     return p
+
+
+def _stress_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--asset", default=None, help="shock this risky asset only (default: all)")
+    p.add_argument(
+        "--shocks",
+        default=None,
+        metavar="A,B,...",
+        help="relative price shocks, e.g. --shocks=-0.5,0,0.5 (default -0.5,-0.4,...,0.5)",
+    )
+    p.add_argument(
+        "--skews",
+        default=None,
+        metavar="A,B,...",
+        help="open-interest skews (L-S)/(L+S) in [-1, 1] (default -0.8,-0.6,...,0.8)",
+    )
+    p.add_argument(
+        "--adl-threshold",
+        type=float,
+        default=0.45,
+        metavar="X",
+        help="trader PnL / pool value above which ADL would trigger (default 0.45)",
+    )
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _stress_runner(args: argparse.Namespace):
+    """`stress_test` with the command's options (parsed when called, inside main's errors)."""
+
+    def run(cfg, out, quiet: bool = False):
+        from .stress import stress_test
+
+        return stress_test(
+            cfg,
+            out,
+            shocks=_floats(args.shocks, "--shocks"),
+            skews=_floats(args.skews, "--skews"),
+            asset=args.asset,
+            adl_threshold=args.adl_threshold,
+            quiet=quiet,
+        )
+
+    return run
 
 
 def _print_keys(section: str | None) -> None:
@@ -197,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         from .calibrate import calibrate_config
 
         runner = calibrate_config
+    elif args.command == "stress":
+        runner = _stress_runner(args)
     else:
         runner = run_config
     try:
@@ -216,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(
                     f"{args.command}: expected a config file, e.g. "
                     f"pdlpjax {args.command} {_COMMANDS[args.command][1]}"
-                    + (" (or --resume DIR)" if args.command != "calibrate" else "")
+                    + (" (or --resume DIR)" if args.command in ("run", "sweep") else "")
                 )
             cfg = _load(args)
             if args.out:
