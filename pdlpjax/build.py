@@ -7,16 +7,23 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from .config import SECTIONS, Config, ConfigError, resolve_dynamic, specs
-from .data import DataError, infer_steps_per_year, load_closes, log_returns
+from .config import SECTIONS, Config, ConfigError, replay_time, resolve_dynamic, specs
+from .data import DataError, infer_steps_per_year, load_closes, log_returns, replay_row
 from .hedge import HedgeParams
 from .market import MarketParams
 from .metrics import num_worst_for
-from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams
+from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams, Replay
 from .pool import PoolParams
 from .simulate import Params, SimSpec
 
-__all__ = ["make_params", "make_model", "make_spec", "bootstrap_returns", "make_block"]
+__all__ = [
+    "make_params",
+    "make_model",
+    "make_spec",
+    "bootstrap_returns",
+    "replay_returns",
+    "make_block",
+]
 
 
 def make_params(cfg: Config) -> Params:
@@ -47,6 +54,28 @@ def bootstrap_returns(cfg: Config) -> np.ndarray:
         max_gap=cfg.paths.max_gap,
         allow_gaps=cfg.paths.allow_gaps,
     )
+    _check_spacing(cfg, closes)
+    return log_returns(closes)
+
+
+def replay_returns(cfg: Config) -> np.ndarray:
+    """The log returns `(num_steps, num_risky)` that a replay (`paths.replay_start`) plays:
+    row k is log(close[s + k + 1] / close[s + k]), s the first data row at or after the start.
+
+    Holes longer than `paths.max_gap` are refused only inside this window (`replay_row`);
+    the data's spacing must match `simulation.steps_per_year` as for the bootstrap.
+    """
+    closes = load_closes(
+        cfg.paths.data, cfg.market.assets, max_gap=cfg.paths.max_gap, allow_gaps=True
+    )
+    _check_spacing(cfg, closes)
+    num_steps = cfg.simulation.num_steps
+    row = replay_row(closes, replay_time(cfg.paths.replay_start), num_steps, cfg.paths.data)
+    window = closes.prices[row : row + num_steps + 1]
+    return np.diff(np.log(window), axis=0)
+
+
+def _check_spacing(cfg: Config, closes) -> None:
     spy = infer_steps_per_year(closes)
     if abs(spy / cfg.simulation.steps_per_year - 1.0) > 0.01:
         raise DataError(
@@ -54,11 +83,11 @@ def bootstrap_returns(cfg: Config) -> np.ndarray:
             f"year, expected it to equal simulation.steps_per_year = "
             f"{cfg.simulation.steps_per_year:g}"
         )
-    return log_returns(closes)
 
 
 def make_model(cfg: Config, returns: np.ndarray | None = None) -> AbstractPathModel:
-    """The `[paths]` model. For the bootstrap, `returns` (T, num_risky) defaults to the data."""
+    """The `[paths]` model. For the bootstrap, `returns` (T, num_risky) defaults to the data;
+    with `paths.replay_start`, to the replay's window (`replay_returns`), played from row 0."""
     n, dt, dtype = cfg.num_risky, cfg.dt, cfg.simulation.dtype
     match cfg.paths.model:
         case "gbm":
@@ -69,12 +98,21 @@ def make_model(cfg: Config, returns: np.ndarray | None = None) -> AbstractPathMo
             return Garch(n, dt, dtype)
         case "bootstrap":
             if returns is None:
-                returns = bootstrap_returns(cfg)
+                replay = bool(cfg.paths.replay_start)
+                returns = replay_returns(cfg) if replay else bootstrap_returns(cfg)
             if returns.ndim != 2 or returns.shape[1] != n:
                 raise ConfigError(
                     f"paths.data: expected returns of shape (T, {n}), got {returns.shape}"
                 )
-            return Bootstrap(n, dt, dtype, returns=jnp.asarray(returns, jnp.dtype(dtype)))
+            table = jnp.asarray(returns, jnp.dtype(dtype))
+            if cfg.paths.replay_start:
+                if returns.shape[0] < cfg.simulation.num_steps:
+                    raise ConfigError(
+                        f"simulation.num_steps: expected at most the replay's "
+                        f"{returns.shape[0]} returns, got {cfg.simulation.num_steps}"
+                    )
+                return Replay(n, dt, dtype, returns=table)
+            return Bootstrap(n, dt, dtype, returns=table)
     raise ConfigError(f"paths.model: unknown model {cfg.paths.model!r}")
 
 

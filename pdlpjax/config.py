@@ -20,6 +20,7 @@ line naming the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import hashlib
 import itertools
 import json
@@ -51,6 +52,7 @@ __all__ = [
     "resolve_dynamic",
     "apply_overrides",
     "PATH_MODELS",
+    "replay_time",
 ]
 
 PATH_MODELS = ("gbm", "jump", "garch", "bootstrap")
@@ -221,6 +223,13 @@ class PathsConfig:
         type=bool,
         doc="bootstrap: drop the return across each hole longer than max_gap instead of "
         "refusing the data",
+    )
+    replay_start: str = _f(
+        "",
+        type=str,
+        doc="bootstrap: replay the data's returns in order from the first time at or after this "
+        'UTC date ("YYYY-MM-DD" or "YYYY-MM-DD HH:MM"), the same path for every pool; "" '
+        "resamples",
     )
     antithetic: bool = _f(False, type=bool, doc="pair pools 2k, 2k+1 with negated normals")
 
@@ -644,8 +653,10 @@ MODEL_KEYS = {
     "gbm": _DIFFUSION,
     "jump": _DIFFUSION + _JUMPS,
     "garch": _DIFFUSION + ("garch_alpha", "garch_beta"),
-    "bootstrap": ("block_length", "data", "max_gap", "allow_gaps"),
+    "bootstrap": ("block_length", "data", "max_gap", "allow_gaps", "replay_start"),
 }
+# A replay reads neither: it has no blocks, and refuses a hole in its window (`data.replay_row`).
+_REPLAY_IGNORES = ("block_length", "allow_gaps")
 _TWM_KEYS = ("discount_base", "discount_tax", "discount_temperature", "twm_mu", "twm_capital")
 _TWM_KEYS += ("twm_cost", "twm_steps")
 _PASSIVE_KEYS = {"market": ("assets", "numeraire", "initial_prices")}
@@ -665,6 +676,9 @@ def ignored_because(cfg: Config, section: str, key: str) -> str | None:
         if not (key == "vols" and (pool.mode == "pdlp" or model_cov)):
             if not (key == "correlation" and model_cov):
                 return f'paths.model = "{p.model}"'
+    if section == "paths" and p.model == "bootstrap" and p.replay_start:
+        if key in _REPLAY_IGNORES:
+            return f'paths.replay_start = "{p.replay_start}" (a replay)'
     if section == "hedge" and key != "enabled":
         if not h.enabled:
             return "hedge.enabled = false"
@@ -863,6 +877,29 @@ def _check_blocks(cfg: Config) -> None:
         raise ConfigError("pools: [[pools]] need a market.numeraire (each pool holds one)")
     if cfg.pool.mode != "pdlp":
         raise ConfigError('pools: [[pools]] need pool.mode = "pdlp"')
+
+
+_REPLAY_FORMATS = ("%Y-%m-%d", "%Y-%m-%d %H:%M")
+
+
+def replay_time(text: str) -> np.datetime64 | None:
+    """`paths.replay_start` as a UTC `datetime64[s]`, or None when empty (no replay).
+
+    Raises `ConfigError` unless it is "YYYY-MM-DD" or "YYYY-MM-DD HH:MM" and a real date.
+    """
+    if not text:
+        return None
+    for fmt in _REPLAY_FORMATS:
+        try:
+            when = _dt.datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+        if when.strftime(fmt) == text:  # zero-padded fields only: "2022-5-5" is refused
+            return np.datetime64(when, "s")
+    raise ConfigError(
+        f'paths.replay_start: expected a UTC date "YYYY-MM-DD" or "YYYY-MM-DD HH:MM" '
+        f'(e.g. "2022-05-05" or "2022-05-05 12:00"), got {_show(text)}; "" turns replay off'
+    )
 
 
 def _resolve_data_path(cfg: Config, base_dir: Path) -> Config:
@@ -1246,6 +1283,12 @@ def _check_cross(cfg: Config) -> None:
     if p.antithetic and s.num_pools % 2:
         raise ConfigError(
             f"simulation.num_pools: antithetic pairs need an even number, got {s.num_pools}"
+        )
+    replay_time(p.replay_start)  # a malformed date fails even where it is ignored
+    if p.antithetic and p.model == "bootstrap" and p.replay_start:
+        raise ConfigError(
+            "paths.antithetic: not defined for a replay (paths.replay_start: every pool has "
+            "the data's path); set false"
         )
     if p.antithetic and p.model == "bootstrap":
         raise ConfigError('paths.antithetic: not defined for model = "bootstrap"; set false')

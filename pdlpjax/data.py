@@ -29,6 +29,7 @@ __all__ = [
     "log_returns",
     "infer_steps_per_year",
     "check_gaps",
+    "replay_row",
 ]
 
 TIME_COLUMNS = ("timestamp", "date", "time", "datetime", "open_time")
@@ -253,6 +254,49 @@ def check_gaps(
         f"({_duration(float(diffs[i]))}, {who}), would be one step of the bootstrap; set "
         "paths.allow_gaps = true to drop such returns, or raise paths.max_gap"
     )
+
+
+def replay_row(closes: Closes, start: np.datetime64, num_steps: int, source) -> int:
+    """The row of the first common time at or after `start`: a replay of `num_steps` steps
+    uses the returns from that row's close to the close `num_steps` rows later.
+
+    Raises `DataError` naming the key when `start` is outside the data's span, when fewer than
+    `num_steps` returns follow it, or when the window crosses a hole (`closes.holes`, from
+    `load_closes(..., allow_gaps=True)`): replayed as one step it would misstate time, dropped
+    it would misstate prices.
+    """
+    times = closes.times
+    first, last = _when(times[0], times), _when(times[-1], times)
+    if start < times[0] or start > times[-1]:
+        raise DataError(
+            f"paths.replay_start: {_when(start, times)} is outside the span of {source} "
+            f"({', '.join(closes.assets)}: {first} .. {last}); expected a date in that span"
+        )
+    row = int(np.searchsorted(times, start, side="left"))
+    left = len(times) - 1 - row
+    if num_steps > left:
+        raise DataError(
+            f"simulation.num_steps: expected at most {left}, the returns left in {source} after "
+            f"paths.replay_start = {_when(start, times)} (its last time is {last}), "
+            f"got {num_steps}"
+        )
+    if closes.holes is not None and np.any(closes.holes[row : row + num_steps]):
+        i = row + int(np.argmax(closes.holes[row : row + num_steps]))
+        gap = float((times[i + 1] - times[i]).astype("int64"))
+        raise DataError(
+            f"paths.replay_start: the replay from {_when(times[row], times)} for {num_steps} "
+            f"steps crosses a hole in {source} from {_when(times[i], times)} to "
+            f"{_when(times[i + 1], times)} ({_duration(gap)}, longer than paths.max_gap times "
+            "the data's spacing); choose another start or fewer steps, or raise paths.max_gap "
+            "to replay the hole as one step"
+        )
+    return row
+
+
+def _when(t: np.datetime64, times: np.ndarray) -> str:
+    """`t` as "YYYY-MM-DD" when every data time is a midnight (daily data), else with HH:MM."""
+    daily = np.all(times.astype("datetime64[D]") == times)
+    return str(np.datetime_as_string(t, unit="D" if daily else "m")).replace("T", " ")
 
 
 def _duration(seconds: float) -> str:

@@ -1,7 +1,8 @@
 """Price path models, each a step-wise generator with injectable noise.
 
 Every model has the same four pure, unbatched methods:
-- `init(params) -> state`: the model's own state at t = 0 (GARCH variance, bootstrap index);
+- `init(params) -> state`: the model's own state at t = 0 (GARCH variance, bootstrap or replay
+  row index);
 - `noise(key) -> noise`: one step's standard draws (normals, uniforms), which do not depend on
   the parameters, so common random numbers survive a change of parameters;
 - `antithetic(noise) -> noise`: the mirrored draws (normals negated, uniforms kept);
@@ -29,6 +30,7 @@ __all__ = [
     "MertonJump",
     "Garch",
     "Bootstrap",
+    "Replay",
     "poisson_from_uniform",
 ]
 
@@ -235,3 +237,32 @@ class Bootstrap(AbstractPathModel):
         start = jnp.minimum((noise.u_start * num_rows).astype(jnp.int32), num_rows - 1)
         idx = jnp.where(restart, start, (state + 1) % num_rows)
         return idx, self.returns[idx].astype(noise.u_start.dtype)
+
+
+class Replay(AbstractPathModel):
+    """Historical replay: the data's own log returns in order, from row `start`, no resampling.
+
+    `returns[k]` is the log return from close k to close k + 1, so step 1 returns
+    log(close[start + 1] / close[start]) and after t steps prices are
+    p₀ × close[start + t] / close[start], whatever `p₀` (`market.initial_prices`) is.
+    Every pool replays the same path: there is no draw, and the parameters are not read.
+    State: the data row whose close the prices stand at (`start` at t = 0).
+    """
+
+    returns: Float[Array, "T n"] = eqx.field(kw_only=True)
+    start: int = eqx.field(static=True, kw_only=True, default=0)
+
+    def init(self, params: PathParams) -> Int[Array, ""]:
+        del params
+        return jnp.asarray(self.start, dtype=jnp.int32)
+
+    def noise(self, key: PRNGKeyArray) -> Float[Array, " 0"]:
+        del key
+        return jnp.zeros((0,), self.dtype)  # no draws: the path is the data's
+
+    def antithetic(self, noise):
+        raise ValueError("antithetic sampling is not defined for a replay")
+
+    def step(self, state: Int[Array, ""], params: PathParams, noise):
+        del params, noise
+        return state + 1, self.returns[state].astype(self.dtype)
