@@ -17,7 +17,8 @@ and their gradients are exact. The hedge period is a count, not differentiable.
 
 Outputs: `calibration.csv` (step, problem, loss, each param, gradient norm, validation
 score), `summary.json` (fitted params per problem with their validation score and 95%
-interval, before and after), `calibration.png` (loss and param trajectories), `config.toml`.
+interval, before and after), `calibration.png` (objective on the training batches and on the
+validation pools, and each param's trajectory), `config.toml`.
 """
 
 from __future__ import annotations
@@ -364,7 +365,7 @@ def calibrate_config(
     }
     _io.write_json(out / "summary.json", summary)
     if cfg.output.plots:
-        _plots(out, cfg, rows, names, n_prob)
+        _plots(out, cfg, rows, names, n_prob, combos)
     if not quiet:
         v = final_val[0]
         shown = ", ".join(f"{n}={fitted[0, j]:.4g}" for j, n in enumerate(names))
@@ -381,26 +382,92 @@ def _plain(v):
     return [_plain(x) for x in v] if isinstance(v, tuple | list) else float(v)
 
 
-def _plots(out: Path, cfg: Config, rows: list, names: list[str], n_prob: int) -> None:
+def _objective_label(cfg: Config) -> str:
+    """The calibration objective with its unit, for a y-axis."""
+    cal = cfg.calibrate
+    who = "hedged LP" if cal.target == "hedged_lp" else "LP"
+    if cal.objective == "sharpe":
+        return f"{who} Sharpe (annualised)"
+    if cal.objective == "certainty_equivalent":
+        return f"{who} certainty equivalent (return per year)"
+    return f"{who} mean + {cal.cvar_weight:g}·CVaR5% (per year)"
+
+
+def _plots(
+    out: Path, cfg: Config, rows: list, names: list[str], n_prob: int, combos: list | None = None
+) -> None:
+    """calibration.png: the objective per problem (training batches as a line, held-out
+    validation as markers) and each free param's trajectory, against the optimiser step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
-    steps = [r for r in rows if r[2] != ""]
-    fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.5 * (1 + len(names)), 3.5))
+    from .plots import axis_label
+
+    spy = cfg.simulation.steps_per_year
+    cal = cfg.calibrate
+    ncol = 1 + len(names)
+    fig, axes = plt.subplots(
+        1, ncol, figsize=(4.6 * ncol, 3.9), layout="constrained", squeeze=False
+    )
+    axes = axes[0]
+    handles = [
+        Line2D([], [], color="0.3", lw=1, label=f"training ({cal.batch_pools} pools/step)"),
+        Line2D(
+            [],
+            [],
+            color="0.3",
+            lw=1,
+            ls="--",
+            marker="o",
+            ms=4,
+            label=f"validation ({cal.validation_pools} held-out pools)",
+        ),
+    ]
     for i in range(n_prob):
-        mine = [r for r in steps if r[1] == i]
-        x = [r[0] for r in mine]
-        axes[0].plot(x, [float(r[2]) for r in mine], lw=1)
+        color = f"C{i % 10}"
+        label = f"problem {i}"
+        if combos and combos[i]:
+            label = ", ".join(f"{k}={_short(v)}" for k, v in combos[i].items())
+        mine = [r for r in rows if r[1] == i]
+        train = [r for r in mine if r[2] != ""]
+        x = [r[0] for r in train]
+        # The training loss is −objective on the step's batch: plot the objective itself.
+        axes[0].plot(x, [-float(r[2]) for r in train], lw=1, color=color, alpha=0.7)
+        val = [r for r in mine if r[-1] != ""]
+        axes[0].plot(
+            [r[0] for r in val],
+            [float(r[-1]) for r in val],
+            ls="--",
+            marker="o",
+            ms=4,
+            lw=1,
+            color=color,
+        )
+        handles.append(Line2D([], [], color=color, lw=2, label=label))
         for j in range(len(names)):
-            axes[1 + j].plot(x, [float(r[3 + j]) for r in mine], lw=1)
-    axes[0].set_title("training loss (− objective)")
+            # the params at each step and, at step = steps, the fitted values
+            axes[1 + j].plot(
+                [r[0] for r in mine], [float(r[3 + j]) for r in mine], lw=1, color=color
+            )
+    axes[0].set_title("objective (higher is better)", fontsize=9)
+    axes[0].set_ylabel(_objective_label(cfg))
+    axes[0].legend(handles=handles[: 2 + min(n_prob, 6)], fontsize=7, loc="best")
     for j, n in enumerate(names):
-        axes[1 + j].set_title(n)
+        axes[1 + j].set_title(n, fontsize=9)
+        axes[1 + j].set_ylabel(axis_label(n, spy))
     for ax in axes:
-        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimiser step")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{cfg.name}: {n_prob} problem(s)")
+    problems = f"{n_prob} problem{'s' if n_prob > 1 else ''}"
+    fig.suptitle(f"{cfg.name}: maximising {_objective_label(cfg)}, {problems}", fontsize=10)
     _io.save_figure(out / "calibration.png", fig)
     plt.close(fig)
+
+
+def _short(v) -> str:
+    return " ".join(f"{x:.3g}" for x in np.ravel(v)) if isinstance(v, list | tuple) else f"{v:.3g}"

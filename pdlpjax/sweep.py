@@ -22,6 +22,7 @@ import io
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -287,7 +288,7 @@ def run_sweep(
     ]
     _io.write_csv(out / "pools.csv", ["pool", "combination", "replicate", *names], rows)
     if cfg.output.plots and cfg.sweep.draws == 0 and "hedged_sharpe" in metrics:
-        _heatmaps(out, cfg, combos, table)
+        _heatmaps(out, cfg, combos, table, metrics=metrics, reps=reps)
     (out / SWEEP_CHECKPOINT).unlink(missing_ok=True)
     if not quiet:
         print(
@@ -354,32 +355,81 @@ def _cell(v) -> str:
     return " ".join(f"{x:g}" for x in np.ravel(v)) if isinstance(v, list) else f"{v:g}"
 
 
-def _heatmaps(out: Path, cfg: Config, combos: list[dict], table: list[dict]) -> None:
+def _heatmaps(
+    out: Path,
+    cfg: Config,
+    combos: list[dict],
+    table: list[dict],
+    *,
+    metrics: dict | None = None,
+    reps: int | None = None,
+) -> None:
     """Mean hedged − unhedged Sharpe over each pair of swept scalar params with ≥ 2 values,
-    averaged over the other swept params."""
+    averaged over the other swept params (and the config's own grids).
+
+    With the per-pool `metrics` (combination g's pools are g·reps .. (g+1)·reps − 1, replicate
+    j on market j), a cell's value and paired 95% interval come from the per-replicate means
+    over the cell's combinations: replicate j sees the same market in each, so the interval
+    keeps the pairing; cells whose interval excludes 0 are marked.
+    """
     from . import plots
 
     swept = [
         k for k, g in cfg.sweep.params.items() if len(g.values) > 1 and np.ndim(g.values[0]) == 0
     ]
+    spy = cfg.simulation.steps_per_year
+    reps = reps or cfg.sweep.replicates
     diff = np.array([row["sharpe_difference"]["mean"] for row in table])
+    per_pool = None
+    if metrics is not None:
+        per_pool = (
+            np.asarray(metrics["hedged_sharpe"], float) - np.asarray(metrics["sharpe"], float)
+        ).reshape(len(combos), reps)
     for i, a in enumerate(swept):
         for b in swept[i + 1 :]:
             xs = sorted({c[a] for c in combos})
             ys = sorted({c[b] for c in combos})
             grid = np.full((len(ys), len(xs)), np.nan)
+            marks = np.zeros(grid.shape, bool)
+            sizes = set()
             for yi, y in enumerate(ys):
                 for xi, x in enumerate(xs):
-                    sel = [d for c, d in zip(combos, diff, strict=True) if c[a] == x and c[b] == y]
-                    grid[yi, xi] = np.nanmean(sel) if sel else np.nan
+                    idx = [g for g, c in enumerate(combos) if c[a] == x and c[b] == y]
+                    if not idx:
+                        continue
+                    sizes.add(len(idx))
+                    if per_pool is None:
+                        grid[yi, xi] = np.nanmean(diff[idx])
+                        continue
+                    with warnings.catch_warnings():  # a replicate masked everywhere: NaN
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        rep_means = np.nanmean(per_pool[idx], axis=0)
+                    ci = mean_ci(rep_means)
+                    grid[yi, xi] = ci["mean"]
+                    lo, hi = ci["ci95"]
+                    marks[yi, xi] = bool(lo > 0 or hi < 0)  # NaN compares False
+            others = [
+                k for k in combos[0] if k not in (a, b) and len({str(c[k]) for c in combos}) > 1
+            ]
+            m = max(sizes) if sizes else 1
+            if m == 1:
+                note = f"mean over {reps} pools per cell, paired on common random numbers"
+            else:
+                note = (
+                    f"mean over {m * reps} pools per cell: {reps} replicates (paired on "
+                    f"common random numbers) × {m} settings of {', '.join(others)}, averaged over"
+                )
             plots.heatmap(
                 out / f"sharpe_{a}_{b}.png".replace("/", "_"),
                 grid,
                 xs,
                 ys,
-                a,
-                b,
-                f"{cfg.name}: hedged − unhedged Sharpe (mean over pools)",
+                plots.axis_label(a, spy),
+                plots.axis_label(b, spy),
+                f"{cfg.name}: hedged − unhedged LP Sharpe",
+                "hedged − unhedged Sharpe (annualised)",
+                marks=marks if per_pool is not None else None,
+                note=note,
             )
 
 
