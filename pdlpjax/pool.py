@@ -67,7 +67,9 @@ class Accounts(eqx.Module):
     (deposits − withdrawals), `twm_flows` and `swap_pnl`. The rest is detail: margin taken at
     liquidations and exits, profits paid to traders, funding paid between traders, event
     counts, time sums for averages, and the largest relative violations of the accounting
-    identity and of the LP wealth identity, with their steps.
+    identity and of the LP wealth identity, with their steps. `share_<term>` are the LP's
+    P&L terms per share (`attribution.LP_TERMS`, signed: gains positive), which add up to the
+    share price's change.
     """
 
     inventory_pnl: Float[Array, ""]
@@ -93,6 +95,13 @@ class Accounts(eqx.Module):
     utilisation_sum: Float[Array, ""]
     open_interest_sum: Float[Array, ""]
     value_sum: Float[Array, ""]
+    share_inventory: Float[Array, ""]
+    share_trader_pnl: Float[Array, ""]
+    share_fees: Float[Array, ""]
+    share_liquidated_margin: Float[Array, ""]
+    share_bad_debt: Float[Array, ""]
+    share_dilution: Float[Array, ""]
+    share_swap_arbitrage: Float[Array, ""]
     identity_error: Float[Array, ""]
     identity_error_step: Float[Array, ""]
     lp_identity_error: Float[Array, ""]  # largest relative violation of the LP identity

@@ -1,8 +1,8 @@
 """`run_config`: simulate a config and write its results folder.
 
-A results folder holds `summary.json`, `config.toml` (the resolved config), `pools.csv` (one
-row per pool: its params and metrics), `record.npz` (when `output.record_every` > 0) and PNG
-plots. Every file is written atomically.
+A results folder holds `summary.json` (with the P&L `attribution`, `attribution.py`),
+`config.toml` (the resolved config), `pools.csv` (one row per pool: its params and metrics),
+`record.npz` (when `output.record_every` > 0) and PNG plots. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import tomli_w
 
 from . import _io, sanity
+from .attribution import LP_TERMS, summarise_attribution
 from .config import SECTIONS, Config, ConfigError, config_hash, config_to_dict, resolve_dynamic
 from .metrics import mean_ci
 from .pool import guard_names
@@ -174,7 +175,8 @@ def _save_checkpoint(out: Path, cfg: Config, done: int, state, records: list) ->
     if records:
         joined = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *records)
         for name in joined.__dataclass_fields__:
-            arrays[f"record_{name}"] = getattr(joined, name)
+            if getattr(joined, name) is not None:  # hedged_share_price only when hedged
+                arrays[f"record_{name}"] = getattr(joined, name)
     arrays["done"] = np.asarray(done)
     arrays["config_hash"] = np.asarray(config_hash(cfg))
     buf = io.BytesIO()
@@ -206,7 +208,8 @@ def _load_checkpoint(out: Path, cfg: Config) -> tuple[int, list, list]:
     leaves = [data[k] for k in sorted(k for k in data if k.startswith("state_"))]
     records = []
     if "record_share_price" in data:
-        records = [Record(**{n: data[f"record_{n}"] for n in Record.__dataclass_fields__})]
+        fields = [n for n in Record.__dataclass_fields__ if f"record_{n}" in data]
+        records = [Record(**{n: data[f"record_{n}"] for n in fields})]
     return int(data["done"]), leaves, records
 
 
@@ -361,6 +364,7 @@ def run_config(
             "step": int(np.asarray(res.state.accounts.identity_error_step)[worst]),
             "tolerance": cfg.simulation.identity_tolerance,
         }
+    summary["attribution"] = summarise_attribution(res.metrics, mean_ci)
     summary["masked_pools"] = {"count": int(res.masked.size), "first": res.masked[:20].tolist()}
     if resume:
         summary["resumed_from_step"] = saved[0]
@@ -390,17 +394,7 @@ def run_config(
     _io.write_csv(out / "pools.csv", header, rows)
 
     if res.record is not None:
-        buf = io.BytesIO()
-        times = np.arange(1, res.record.share_price.shape[1] + 1) * cfg.output.record_every
-        np.savez_compressed(
-            buf,
-            steps=times,
-            share_price=res.record.share_price,
-            prices=res.record.prices,
-            reserves=res.record.reserves,
-            assets=np.asarray(cfg.asset_names),
-        )
-        _io.write_bytes(out / "record.npz", buf.getvalue())
+        _write_record(out / "record.npz", cfg, res)
 
     if cfg.output.plots:
         from . import plots
@@ -425,19 +419,8 @@ def run_config(
                 f"{cfg.name}: utilisation and open interest",
             )
         if res.record is not None:
-            sp = res.record.share_price
-            days = (
-                np.arange(0, sp.shape[1] + 1)
-                * cfg.output.record_every
-                * (365.0 / cfg.simulation.steps_per_year)
-            )
-            sp = np.concatenate([np.ones((sp.shape[0], 1)), sp], axis=1)
-            plots.fan_chart(
-                out / "fan_chart.png",
-                days,
-                sp,
-                f"{cfg.name}: LP share price quantiles over {num_pools} pools",
-            )
+            _fan_charts(out, cfg, res)
+        _attribution_plots(out, cfg, summary["attribution"], res.metrics)
     (out / CHECKPOINT).unlink(missing_ok=True)
     if not quiet:
         m = summary["metrics"]["sharpe"]
@@ -448,6 +431,83 @@ def run_config(
             file=sys.stderr,
         )
     return out
+
+
+def _fan_charts(out: Path, cfg: Config, res) -> None:
+    """fan_chart.png (the LP share price from t = 0) and, with the hedge, hedged_fan_chart.png
+    (the hedged LP's wealth per share, with the unhedged median over it)."""
+    from . import plots
+
+    rec = res.record
+    days = (
+        np.arange(0, rec.share_price.shape[1] + 1)
+        * cfg.output.record_every
+        * (365.0 / cfg.simulation.steps_per_year)
+    )
+    p0 = np.asarray(res.state.stats.initial_value, float)[:, None]
+    sp = np.concatenate([p0, rec.share_price], axis=1)
+    title = f"{cfg.name}: LP share price quantiles over {cfg.simulation.num_pools} pools"
+    plots.fan_chart(out / "fan_chart.png", days, sp, title)
+    if rec.hedged_share_price is not None:
+        h0 = np.asarray(res.state.hedge.stats.initial_value, float)[:, None]
+        hedged = np.concatenate([h0, rec.hedged_share_price], axis=1)
+        plots.fan_chart(
+            out / "hedged_fan_chart.png",
+            days,
+            hedged,
+            f"{cfg.name}: delta-hedged LP, quantiles over {cfg.simulation.num_pools} pools",
+            "hedged LP wealth per share (numéraire)",
+            overlay=[(days, sp, "unhedged LP")],
+        )
+
+
+def _attribution_plots(out: Path, cfg: Config, attribution: dict, metrics: dict) -> None:
+    """attribution.png (the LP return's waterfall) and, with the hedge, hedged_sharpe.png."""
+    from . import plots
+
+    view = attribution.get("lp_return")
+    if view:
+
+        def triple(x: dict) -> tuple[float, float, float]:
+            return (x["mean"], *x["ci95"])
+
+        plots.attribution_chart(
+            out / "attribution.png",
+            {t: triple(v) for t, v in view["terms"].items()},
+            triple(view["total"]),
+            f"{cfg.name}: where the LP's return came from (mean over "
+            f"{view['total']['n']} pools, 95% intervals)",
+            "% of the initial share price",
+        )
+    if "hedged_sharpe" in metrics:
+        plots.sharpe_pair(
+            out / "hedged_sharpe.png",
+            metrics["sharpe"],
+            metrics["hedged_sharpe"],
+            f"{cfg.name}: hedged vs unhedged LP Sharpe per pool",
+        )
+
+
+def _write_record(path: Path, cfg: Config, res) -> None:
+    """record.npz: every `output.record_every` steps (axis 1), for every pool (axis 0)."""
+    rec = res.record
+    p0 = np.asarray(res.state.stats.initial_value, float)[:, None, None]
+    arrays = {
+        "steps": np.arange(1, rec.share_price.shape[1] + 1) * cfg.output.record_every,
+        "share_price": rec.share_price,
+        "prices": rec.prices,
+        "reserves": rec.reserves,
+        "utilisation": rec.utilisation,
+        "open_interest": rec.open_interest,
+        "attribution": np.asarray(rec.attribution) / p0,
+        "attribution_terms": np.asarray(LP_TERMS),
+        "assets": np.asarray(cfg.asset_names),
+    }
+    if rec.hedged_share_price is not None:
+        arrays["hedged_share_price"] = rec.hedged_share_price
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    _io.write_bytes(path, buf.getvalue())
 
 
 def _record_aum(record) -> np.ndarray:

@@ -30,6 +30,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._numerics import fixed_sum
+from .attribution import LP_TERMS, attribution_metrics, per_share_terms
 from .hedge import (
     Exposure,
     HedgeInputs,
@@ -194,6 +195,8 @@ class Record(eqx.Module):
     reserves: Float[Array, "*k n"]
     utilisation: Float[Array, "*k"]  # value lent / pᵀR
     open_interest: Float[Array, "*k"]  # Σ δ p, numéraire
+    attribution: Float[Array, "*k m"]  # running LP P&L terms per share (`LP_TERMS` order)
+    hedged_share_price: Float[Array, "*k"] | None = None  # hedged LP's wealth per share
 
 
 def aum(pool: PoolState, book: Book, num_risky: int) -> Float[Array, ""]:
@@ -424,12 +427,22 @@ def step(
         )
     # The LP wealth identity (`lp_identity`): the share price moves by the per-share terms,
     # each over the supply that held it, less the dilution the TWM arbitrageur was paid.
+    # Those terms are the LP's P&L attribution, so the identity checks it every step.
     price_before, price_after = aum_before / state.pool.supply, aum_after / pool.supply
-    predicted = (
-        (inventory + book_move + fees - (bad_debt - late_bad_debt)) / state.pool.supply
-        - dilution / held
-        + (swap_pnl - late_bad_debt) / pool.supply
+    share = per_share_terms(
+        inventory=inventory,
+        book=book_move,
+        fees=fees,
+        liquidated_margin=liq_margin,
+        early_bad_debt=bad_debt - late_bad_debt,
+        late_bad_debt=late_bad_debt,
+        dilution=dilution,
+        swap=swap_pnl,
+        supply_before=state.pool.supply,
+        supply_held=held,
+        supply_after=pool.supply,
     )
+    predicted = sum(share[t] for t in LP_TERMS)
     lp_violation = lp_identity(price_before, price_after, predicted)
     if spec.hedge:
         lp_violation = jnp.maximum(
@@ -473,6 +486,7 @@ def step(
         utilisation_sum=acc.utilisation_sum + _utilisation(pool, book, r),
         open_interest_sum=acc.open_interest_sum + open_interest(book, p_new[:r]),
         value_sum=acc.value_sum + aum_after,
+        **{f"share_{t}": getattr(acc, f"share_{t}") + share[t] for t in LP_TERMS},
         identity_error=jnp.where(worse, violation, acc.identity_error),
         identity_error_step=jnp.where(
             worse, state.t.astype(violation.dtype), acc.identity_error_step
@@ -627,6 +641,8 @@ def _record(state: SimState, spec: SimSpec) -> Record:
         reserves=state.pool.reserves,
         utilisation=_utilisation(state.pool, state.book, r),
         open_interest=open_interest(state.book, state.pool.prices[:r]),
+        attribution=jnp.stack([getattr(state.accounts, f"share_{t}") for t in LP_TERMS], -1),
+        hedged_share_price=state.hedge.stats.value if spec.hedge else None,
     )
 
 
@@ -858,7 +874,15 @@ def _metrics_batched(state: SimState, params: Params, num_steps, *, spec: SimSpe
         )
     if spec.hedge:
         metrics |= hedge_metrics(state.hedge, metrics["sharpe"], spec.steps_per_year)
-    return metrics
+    # Passive pools too: their only term is inventory.
+    final_value = jax.vmap(aum, in_axes=(0, 0, None))(state.pool, state.book, spec.num_risky)
+    return metrics | attribution_metrics(
+        state.accounts,
+        state.stats,
+        final_value,
+        params.pool.initial_value,
+        state.hedge if spec.hedge else None,
+    )
 
 
 def _default_pool_block(num_pools: int) -> int:

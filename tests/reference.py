@@ -54,6 +54,14 @@ ACCOUNT_FIELDS = (
     "utilisation_sum",
     "open_interest_sum",
     "value_sum",
+    # The LP's P&L attribution per share (signed; `pdlpjax.attribution.LP_TERMS`).
+    "share_inventory",
+    "share_trader_pnl",
+    "share_fees",
+    "share_liquidated_margin",
+    "share_bad_debt",
+    "share_dilution",
+    "share_swap_arbitrage",
     "identity_error",
     "identity_error_step",
     "lp_identity_error",  # the LP wealth identity (see `step`)
@@ -668,6 +676,14 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
         c.size * p_new[i] for i, _s, _k, c in cohorts(st.book) if c.is_open
     )
     acc["value_sum"] += aum_after
+    # Attribution: the LP identity's terms per share. A liquidation's seized margin is split
+    # out of the book's mark-to-market change; bad debt of liquidations is shared by the
+    # opening supply, that of exits (after the LP flow) by the closing one.
+    acc["share_inventory"] += inventory / supply_before
+    acc["share_trader_pnl"] += (book_move - liq.received) / supply_before
+    acc["share_fees"] += fees / supply_before
+    acc["share_liquidated_margin"] += liq.received / supply_before
+    acc["share_bad_debt"] -= liq.bad_debt / supply_before + ex.bad_debt / st.supply
     if violation > acc["identity_error"]:
         acc["identity_error"] = violation
         acc["identity_error_step"] = float(st.t)

@@ -19,6 +19,7 @@ import pytest
 
 import pdlpjax as P
 import pdlpjax.twm as twm
+from pdlpjax.attribution import HEDGE_TERMS, LP_TERMS, POOL_TERMS
 from pdlpjax.pool import guard_names
 
 S = importlib.import_module("pdlpjax.simulate")  # `pdlpjax.simulate` is also a function
@@ -58,6 +59,13 @@ def test_lp_identity_holds_under_every_discount(discount):
     assert np.all(m["lp_identity_error"] < 1e-11), m["lp_identity_error"]
     assert np.all(m["identity_error"] < 1e-11)
     assert np.all(acc.invalid_code == 0)
+    # The P&L attribution is these identities summed: its terms add up to each view's total.
+    lp = [*(f"attr_{t}" for t in LP_TERMS), *(f"attr_{t}" for t in HEDGE_TERMS)]
+    np.testing.assert_allclose(sum(m[k] for k in lp), m["attr_total"], rtol=1e-12, atol=1e-12)
+    pool = sum(m[f"pool_{t}"] for t in POOL_TERMS)  # TWM inflows grow AUM ~1e5-fold here
+    np.testing.assert_allclose(pool, m["pool_total"], rtol=1e-12, atol=1e-12)
+    if discount != "none":
+        assert np.all(m["attr_dilution"] <= 0)
     # Not vacuous: LP flows, swap arbitrage and the hedge all moved money.
     assert np.all(np.abs(acc.lp_flows) > 0)
     assert np.all(m["swap_loss"] > 0) and np.all(m["rebalances"] > 0)
