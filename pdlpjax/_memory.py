@@ -187,8 +187,8 @@ def check_memory(cfg: Config, command: str = "run", available: int | None = None
     hint = {
         "state": "fewer pools (simulation.num_pools"
         + (", or sweep.batch_pools)" if command == "sweep" else ")"),
-        "params": "fewer pools",
-        "record": "a larger output.record_every (or 0), or fewer pools",
+        "params": "fewer pools (simulation.num_pools)",
+        "record": "a larger output.record_every (or 0), or fewer pools (simulation.num_pools)",
         "gradient": "fewer calibrate.batch_pools or simulation.num_steps",
     }[big]
     raise ConfigError(
