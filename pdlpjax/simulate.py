@@ -14,6 +14,8 @@ so a new value of any dynamic param never recompiles (`trace_count()` tells, for
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -851,6 +853,39 @@ class InvalidPoolError(RuntimeError):
         super().__init__(f"pool {pool} broke a guard at step {step}: {guard_names(code)}")
 
 
+class _HeldInterrupt:
+    """Holds Ctrl-C (SIGINT) until the end of the chunk that runs, then raises it there.
+
+    A chunk's blocks run on threads, and a KeyboardInterrupt raised while the main thread
+    waits in `concurrent.futures`' locks can break them ("release unlocked lock") or be lost
+    (a run that exits 0 after Ctrl-C). So the signal is only noted while a chunk runs and
+    raised between chunks, where the state is whole and `on_chunk` has seen it (`run_config`
+    then checkpoints it). A second Ctrl-C raises at once. Only in the main thread and only
+    over Python's default handler: a caller's own handler is left alone.
+    """
+
+    def __enter__(self) -> _HeldInterrupt:
+        self.hit, self.previous = False, None
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def check(self) -> None:
+        """Raise the Ctrl-C noted during the chunk, if any."""
+        if self.hit:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 @dataclass
 class SimResult:
     """What `simulate` returns: final batched state, per-pool metrics (NaN for masked pools),
@@ -993,52 +1028,56 @@ def simulate(
     # Without a record the chunk program does not depend on the chunk length at all (one
     # executable for every chunk length); with one, its record buffer has a row per block.
     max_blocks = chunk_length // unit if spec.record_every else 0
-    while done < num_steps:
-        length = min(chunk_length, num_steps - done)
-        blocks = jnp.asarray(length // unit, jnp.int32)
-        start = jnp.asarray(done, jnp.int32)
-        p0, k0, f0 = parts[0]
-        args = (states[0], p0, model, k0, f0, blocks, start)
-        fn, c = _compiled(_chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices)
-        compile_s += c
-        t0 = time.perf_counter()
+    with _HeldInterrupt() as held:
+        while done < num_steps:
+            length = min(chunk_length, num_steps - done)
+            blocks = jnp.asarray(length // unit, jnp.int32)
+            start = jnp.asarray(done, jnp.int32)
+            p0, k0, f0 = parts[0]
+            args = (states[0], p0, model, k0, f0, blocks, start)
+            fn, c = _compiled(
+                _chunk, args, spec=spec, max_blocks=max_blocks, num_devices=num_devices
+            )
+            compile_s += c
+            t0 = time.perf_counter()
 
-        def run_block(b, fn=fn, states=states, blocks=blocks, start=start):
-            p, k, f = parts[b]
-            return jax.block_until_ready(fn(states[b], p, model, k, f, blocks, start))
+            def run_block(b, fn=fn, states=states, blocks=blocks, start=start):
+                p, k, f = parts[b]
+                return jax.block_until_ready(fn(states[b], p, model, k, f, blocks, start))
 
-        # Blocks are independent: run them on a thread per core (XLA does not split one small
-        # block's loops over cores as it does one large batch's).
-        if len(parts) > 1:
-            with ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1)) as pool:
-                outs = list(pool.map(run_block, range(len(parts))))
-        else:
-            outs = [run_block(0)]
-        states = [s for s, _ in outs]
-        dt = time.perf_counter() - t0
-        t_run += dt
-        chunk_seconds.append(dt)
-        if spec.record_every:
-            rows = length // unit
+            # Blocks are independent: run them on a thread per core (XLA does not split one small
+            # block's loops over cores as it does one large batch's).
+            if len(parts) > 1:
+                with ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1)) as pool:
+                    outs = list(pool.map(run_block, range(len(parts))))
+            else:
+                outs = [run_block(0)]
+            states = [s for s, _ in outs]
+            dt = time.perf_counter() - t0
+            t_run += dt
+            chunk_seconds.append(dt)
+            if spec.record_every:
+                rows = length // unit
 
-            def rows_of(*xs, rows=rows):
-                return np.concatenate([_host(x)[:, :rows] for x in xs])[:num_pools]
+                def rows_of(*xs, rows=rows):
+                    return np.concatenate([_host(x)[:, :rows] for x in xs])[:num_pools]
 
-            records.append(jtu.tree_map(rows_of, *[r for _, r in outs]))
-        done += length
-        if not spec.mask_invalid:  # the guards read one small field per block, not the state
-            invalid = np.concatenate([_host(s.accounts.invalid_step) for s in states])
-            invalid = invalid[:num_pools]
-            if np.any(invalid >= 0):
-                state = _join_pools(states, num_pools)
-                bad = np.flatnonzero(invalid >= 0)
-                first = int(bad[np.argmin(invalid[bad])])
-                code = float(_host(state.accounts.invalid_code)[first])
-                raise InvalidPoolError(first, int(invalid[first]), code, state)
-        if progress is not None:
-            progress(done, num_steps, t_run, compile_s)
-        if on_chunk is not None:
-            on_chunk(done, _join_pools(states, num_pools), records)
+                records.append(jtu.tree_map(rows_of, *[r for _, r in outs]))
+            done += length
+            if not spec.mask_invalid:  # the guards read one small field per block, not the state
+                invalid = np.concatenate([_host(s.accounts.invalid_step) for s in states])
+                invalid = invalid[:num_pools]
+                if np.any(invalid >= 0):
+                    state = _join_pools(states, num_pools)
+                    bad = np.flatnonzero(invalid >= 0)
+                    first = int(bad[np.argmin(invalid[bad])])
+                    code = float(_host(state.accounts.invalid_code)[first])
+                    raise InvalidPoolError(first, int(invalid[first]), code, state)
+            if progress is not None:
+                progress(done, num_steps, t_run, compile_s)
+            if on_chunk is not None:
+                on_chunk(done, _join_pools(states, num_pools), records)
+            held.check()
     state = _join_pools(states, num_pools)
     # The metrics too go through one compiled program per block: an eager computation on
     # the whole batch would round by the batch size again.
