@@ -213,6 +213,11 @@ def calibrate_config(
     if cal.target == "hedged_lp" and not cfg.hedge.enabled:
         raise ConfigError('calibrate.target: "hedged_lp" needs hedge.enabled = true')
     free = dict(cal.params)
+    if "hedge.damping" in free and cfg.hedge.damping_rule != "fixed":
+        raise ConfigError(
+            f'calibrate.params."hedge.damping": the damping rule "{cfg.hedge.damping_rule}" '
+            'sets γ itself; fit it with hedge.damping_rule = "fixed"'
+        )
     train_cfg, combos = _problems(cfg, cal.batch_pools)
     val_cfg, _ = _problems(cfg, cal.validation_pools)
     for name in free:  # a free key cannot also be a grid axis

@@ -114,6 +114,24 @@ def test_fixed_damping_rules(rule, expect):
         np.testing.assert_allclose(res.metrics["hedge_damping"], expect, rtol=1e-6)
 
 
+def test_isolated_and_merged_are_the_fixed_rule_at_zero_and_one():
+    """One compiled program for every fixed γ: the rules differ only in the value of γ."""
+    specs, gammas = set(), []
+    for rule in ("isolated", "merged", "fixed"):
+        cfg = config_from_dict(_raw(hedge__damping_rule=rule, hedge__damping=0.3))
+        params, spec = make_block(cfg, 0)
+        specs.add(spec)
+        gammas.append(float(params.hedge.damping[0]))
+    assert len(specs) == 1 and gammas == pytest.approx([0.0, 1.0, 0.3])
+
+
+def test_calibrate_refuses_to_fit_a_damping_the_rule_sets(tmp_path):
+    raw = _raw(hedge__damping_rule="isolated")
+    raw["calibrate"] = {"params": {"hedge.damping": {"transform": "sigmoid", "init": 0.5}}}
+    with pytest.raises(ConfigError, match='damping_rule = "fixed"'):
+        P.calibrate_config(config_from_dict(raw), tmp_path / "cal", quiet=True)
+
+
 def test_gamma_star_rule_uses_the_estimated_coupling():
     """With the model's Σ (known exactly: n = 1e9) γ* is 1 for any coupling ρ > 0; with a
     24-return window it is γ*(ρ̂, 24) ∈ (0, 1), ρ̂ varying by pool."""
