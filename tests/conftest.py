@@ -19,6 +19,13 @@ os.environ.setdefault(
 )
 # Compiles shorter than this are not worth a file write and read.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# LLVM at -O2 rather than XLA's default -O3: the quickstart's chunk program compiles in 5.4 s
+# instead of 7.3 s (glp discount: 9.5 s instead of 11.6 s) and runs as fast, with the same
+# results (XLA's CPU backend does not use fast-math, so both levels keep IEEE arithmetic).
+# Most of the suite's time is compiling. Subprocesses inherit it; users get XLA's default.
+TEST_XLA_FLAG = "--xla_backend_optimization_level=2"
+if TEST_XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
 
 import jax  # noqa: E402  (after the environment: subprocesses inherit it, jax reads it)
 

@@ -294,7 +294,8 @@ def test_four_devices_agree_with_one():
     Not bitwise: the multi-device compile rounds a few fused operations differently
     (measured 2e-16 relative in float64); the bound here is 1e-12.
     """
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags.strip()}
     out = subprocess.run(
         # The hedged config: full pool dynamics plus the hedged LP (its rebalancing branch).
         [sys.executable, "-c", _DEVICES_SCRIPT, str(QUICKSTART.parent / "hedged_sharpe.toml")],
@@ -344,7 +345,9 @@ def test_two_processes_agree_with_one(tmp_path):
     config = str(QUICKSTART)
     port = str(_free_port())
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    # One device per process: drop any forced device count, keep the other flags.
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags)
     procs = [
         subprocess.Popen(
             [
