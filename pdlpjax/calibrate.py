@@ -328,6 +328,8 @@ def calibrate_config(
                 flush=True,
             )
 
+    if not quiet:
+        print(f"[{cfg.name}] compiling…", file=sys.stderr, flush=True)
     theta = fit(
         loss_and_grad,
         theta0,

@@ -9,7 +9,9 @@ Errors in the config or its data print one line (`error: ...`) and exit with sta
 before anything is compiled: among them a results folder that already holds files (without
 `--overwrite`) and a run whose estimated memory exceeds the machine's available memory. A run
 in which a pool breaks a numerical guard exits with status 3 (with a diagnostic snapshot of
-that pool in the results folder).
+that pool in the results folder). Compiled programs are kept in a persistent cache
+(`pdlpjax._cache`: `$PDLPJAX_CACHE`, default `~/.cache/pdlpjax/xla`; `PDLPJAX_CACHE=off`
+switches it off), so a second run of a config does not compile again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from ._cache import enable_compilation_cache
 from ._memory import check_memory
 from .config import ARRAYS, SECTIONS, TOP_LEVEL, ConfigError, key_rows, load_config
 from .results import Interrupted, SimulationError, run_config
@@ -265,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys":
             _print_keys(args.section)
             return 0
+        enable_compilation_cache()
         if resume is not None:
             if args.config or args.overrides or args.out:
                 raise ConfigError(

@@ -109,6 +109,10 @@ def prepare_out_dir(cfg: Config, out_dir: str | Path | None = None) -> Path:
 
 
 def _progress(name: str):
+    """Progress lines on stderr: "compiling…" now (the first compile takes seconds), then one
+    line per chunk."""
+    print(f"[{name}] compiling…", file=sys.stderr, flush=True)
+
     def show(done: int, total: int, run_s: float, compile_s: float) -> None:
         eta = run_s / done * (total - done)
         print(

@@ -206,6 +206,8 @@ def run_sweep(
     batches = _batches(num_pools, size)
     wall0 = time.perf_counter()
     compile_s = run_s = 0.0
+    if not quiet and len(done_metrics) < len(batches):
+        print(f"[{cfg.name}] compiling…", file=sys.stderr, flush=True)
     try:
         for b, (lo, hi) in enumerate(batches):
             if b < len(done_metrics):

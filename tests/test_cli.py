@@ -330,3 +330,43 @@ def test_runs_started_together_get_their_own_folders(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len({str(o) for o in outs}) == 8
+
+
+def test_compilation_cache_folder_follows_the_environment(tmp_path):
+    """`PDLPJAX_CACHE` (a folder, or off), else JAX's own variable, else the user's cache."""
+    from pdlpjax._cache import cache_dir
+
+    assert cache_dir({"PDLPJAX_CACHE": str(tmp_path)}) == tmp_path
+    for off in ("off", "0", "None", " "):
+        assert cache_dir({"PDLPJAX_CACHE": off, "JAX_COMPILATION_CACHE_DIR": "/x"}) is None
+    assert cache_dir({"JAX_COMPILATION_CACHE_DIR": "/x", "HOME": "/h"}) == Path("/x")
+    assert cache_dir({"XDG_CACHE_HOME": "/c", "HOME": "/h"}) == Path("/c/pdlpjax/xla")
+    assert cache_dir({"HOME": "/h"}) == Path("/h/.cache/pdlpjax/xla")
+
+
+def test_enable_compilation_cache_sets_jax_and_survives_an_unwritable_folder(tmp_path):
+    import jax
+
+    from pdlpjax._cache import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert enable_compilation_cache({"PDLPJAX_CACHE": "off"}) is None
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        assert enable_compilation_cache({"PDLPJAX_CACHE": str(blocker / "sub")}) is None
+        assert jax.config.jax_compilation_cache_dir == before
+        got = enable_compilation_cache({"PDLPJAX_CACHE": str(tmp_path / "xla")})
+        assert got == tmp_path / "xla" and got.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(got)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_progress_says_compiling_before_the_first_compile(capsys):
+    from pdlpjax.results import _progress
+
+    show = _progress("demo")
+    assert capsys.readouterr().err == "[demo] compiling…\n"
+    show(10, 20, 1.0, 5.0)
+    assert "step 10/20" in capsys.readouterr().err
