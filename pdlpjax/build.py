@@ -11,7 +11,7 @@ from .config import SECTIONS, Config, ConfigError, replay_time, resolve_dynamic,
 from .data import DataError, infer_steps_per_year, load_closes, log_returns, replay_row
 from .hedge import HedgeParams
 from .market import MarketParams
-from .metrics import num_worst_for
+from .metrics import worst_capacity
 from .paths import GBM, AbstractPathModel, Bootstrap, Garch, MertonJump, PathParams, Replay
 from .pool import PoolParams
 from .simulate import Params, SimSpec
@@ -138,7 +138,7 @@ def make_spec(cfg: Config) -> SimSpec:
         num_cohorts=cfg.market.cohorts,
         rebalance=cfg.pool.rebalance,
         steps_per_year=float(cfg.simulation.steps_per_year),
-        num_worst=num_worst_for(cfg.simulation.num_steps),
+        worst_capacity=worst_capacity(cfg.simulation.num_steps),
         record_every=cfg.output.record_every,
         antithetic=cfg.paths.antithetic,
         identity_tolerance=float(cfg.simulation.identity_tolerance),

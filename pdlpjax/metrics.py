@@ -1,9 +1,12 @@
 """LP return statistics accumulated online inside the scan, and batch summaries.
 
 `ReturnStats` is updated once per step with the LP share price's simple return; nothing of
-length `num_steps` is stored. The 5% CVaR keeps the `num_worst = ceil(0.05 · num_steps)`
-largest losses seen so far (replace-the-smallest, O(num_worst) per step), so it is the exact
-empirical CVaR of the per-step returns, not an approximation.
+length `num_steps` is stored. The 5% CVaR keeps the largest losses seen so far in a
+buffer of `worst_capacity(num_steps)` ≥ ceil(0.05 · num_steps) (replace-the-smallest,
+O(capacity) per step) and averages the worst ceil(0.05 · count) of them at the end, so it
+is the exact empirical CVaR of the per-step returns, not an approximation. The capacity is
+rounded up to a power of two (at least 16) so that the compiled programs do not depend on
+the horizon: runs of 20 to 320 steps share one state shape.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from ._numerics import fixed_sum
 
@@ -23,6 +26,7 @@ __all__ = [
     "update_stats",
     "finalize_stats",
     "num_worst_for",
+    "worst_capacity",
     "mean_ci",
     "CVAR_LEVEL",
 ]
@@ -33,6 +37,19 @@ CVAR_LEVEL = 0.05
 def num_worst_for(num_steps: int, level: float = CVAR_LEVEL) -> int:
     """How many worst returns the CVaR at `level` averages over `num_steps` returns."""
     return max(1, math.ceil(level * num_steps))
+
+
+def worst_capacity(num_steps: int) -> int:
+    """Length of the CVaR buffer for a horizon of `num_steps`: `num_worst_for(num_steps)`
+    rounded up to a power of two, at least 16 (see the module docstring)."""
+    return max(16, 1 << (num_worst_for(num_steps) - 1).bit_length())
+
+
+def _num_worst(count: Float[Array, "*b"]) -> Int[Array, "*b"]:
+    """`num_worst_for(count)` in integer arithmetic: ceil(5·n / 100), at least 1 (equal to
+    the float formula for every n below 10⁵, checked)."""
+    n = count.astype(jnp.int32)
+    return jnp.maximum((5 * n + 99) // 100, 1)
 
 
 class ReturnStats(eqx.Module):
@@ -98,9 +115,12 @@ def finalize_stats(stats: ReturnStats, steps_per_year: float) -> dict[str, Array
     ann_mean = stats.mean * steps_per_year
     ann_vol = jnp.sqrt(var * steps_per_year)
     sharpe = jnp.where(ann_vol > 0, ann_mean / jnp.where(ann_vol > 0, ann_vol, 1.0), jnp.nan)
-    filled = jnp.isfinite(stats.worst_losses)
-    n_filled = jnp.maximum(jnp.sum(filled, axis=-1), 1)
-    cvar = -fixed_sum(jnp.where(filled, stats.worst_losses, 0.0), axis=-1) / n_filled
+    # The worst ceil(0.05 · count) of the buffer (largest losses first; −inf = empty).
+    losses = -jnp.sort(-stats.worst_losses, axis=-1)
+    rank = jnp.arange(losses.shape[-1])
+    use = jnp.isfinite(losses) & (rank < _num_worst(stats.count)[..., None])
+    n_used = jnp.maximum(jnp.sum(use, axis=-1), 1)
+    cvar = -fixed_sum(jnp.where(use, losses, 0.0), axis=-1) / n_used
     return {
         "ann_mean": ann_mean,
         "ann_vol": ann_vol,

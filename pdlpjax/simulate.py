@@ -119,7 +119,7 @@ class SimSpec(eqx.Module):
     num_risky: int = eqx.field(static=True)
     has_numeraire: bool = eqx.field(static=True)
     steps_per_year: float = eqx.field(static=True)
-    num_worst: int = eqx.field(static=True)
+    worst_capacity: int = eqx.field(static=True)  # CVaR buffer (`metrics.worst_capacity`)
     mode: str = eqx.field(static=True, default="pdlp")  # "pdlp" | "passive"
     num_cohorts: int = eqx.field(static=True, default=16)
     rebalance: bool = eqx.field(static=True, default=False)
@@ -235,7 +235,7 @@ def init_state(params: Params, model: AbstractPathModel, spec: SimSpec) -> SimSt
             pool.supply,
             spec.num_risky,
             spec.hedge_window,
-            init_stats(share_price, spec.num_worst),
+            init_stats(share_price, spec.worst_capacity),
             dtype,
             params.paths.vols.shape[0],
         )
@@ -257,7 +257,7 @@ def init_state(params: Params, model: AbstractPathModel, spec: SimSpec) -> SimSt
         book=book,
         accounts=init_accounts(dtype),
         path=model.init(params.paths),
-        stats=init_stats(share_price, spec.num_worst),
+        stats=init_stats(share_price, spec.worst_capacity),
         hedge=hedge,
     )
 

@@ -12,6 +12,7 @@ import pytest
 
 import pdlpjax as P
 from pdlpjax.config import config_from_dict
+from pdlpjax.metrics import finalize_stats, init_stats, num_worst_for, update_stats, worst_capacity
 
 
 def small_config(model: str = "gbm", num_pools: int = 8, num_steps: int = 30, **sim) -> P.Config:
@@ -183,8 +184,8 @@ def test_online_metrics_match_numpy_on_recorded_series():
     )
     dd = 1.0 - sp / np.maximum.accumulate(sp, axis=1)
     np.testing.assert_allclose(r.metrics["max_drawdown"], dd.max(1), rtol=1e-9, atol=1e-15)
-    m = P.make_spec(cfg).num_worst
-    assert m == 3  # ceil(0.05 * 60)
+    m = num_worst_for(60)
+    assert m == 3 and P.make_spec(cfg).worst_capacity == 16  # ceil(0.05 * 60) of a buffer
     worst = np.sort(ret, axis=1)[:, :m].mean(1)
     np.testing.assert_allclose(r.metrics["cvar_5"], worst, rtol=1e-9)
     np.testing.assert_allclose(r.metrics["total_return"], sp[:, -1] - 1.0, rtol=1e-9)
@@ -222,3 +223,24 @@ def test_antithetic_pairs_mirror_diffusion():
     drift = -0.5 * np.array([0.6, 0.8, 1.1]) ** 2 * 10 / 8760.0
     np.testing.assert_allclose(logp[0] - drift, -(logp[1] - drift), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(logp[2] - drift, -(logp[3] - drift), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [20, 60, 320, 321, 2000])
+def test_cvar_buffer_keeps_the_exact_worst_five_percent(steps):
+    """The buffer is a power of two ≥ 16 (so short horizons share one program), and the CVaR
+    averages exactly the worst ceil(0.05·steps) returns of a series, checked in NumPy."""
+    rng = np.random.default_rng(steps)
+    returns = rng.standard_normal(steps) * 0.01
+    values = np.cumprod(1.0 + returns)
+    cap = worst_capacity(steps)
+    k = num_worst_for(steps)
+    assert cap >= max(k, 16) and cap & (cap - 1) == 0 and (cap == 16 or cap < 2 * k)
+    with jax.enable_x64(True):
+        stats = init_stats(jnp.asarray(1.0, jnp.float64), cap)
+        step = jax.jit(update_stats)
+        for v in values:
+            stats = step(stats, jnp.asarray(v))
+        got = float(finalize_stats(stats, 8760.0)["cvar_5"])
+    simple = np.diff(np.concatenate([[1.0], values])) / np.concatenate([[1.0], values[:-1]])
+    want = np.sort(simple)[:k].mean()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
