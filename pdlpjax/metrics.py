@@ -5,8 +5,8 @@ length `num_steps` is stored. The 5% CVaR keeps the largest losses seen so far i
 buffer of `worst_capacity(num_steps)` ≥ ceil(0.05 · num_steps) (replace-the-smallest,
 O(capacity) per step) and averages the worst ceil(0.05 · count) of them at the end, so it
 is the exact empirical CVaR of the per-step returns, not an approximation. The capacity is
-rounded up to a power of two (at least 16) so that the compiled programs do not depend on
-the horizon: runs of 20 to 320 steps share one state shape.
+rounded up to a multiple of 16 so that the compiled programs depend on the horizon only in
+steps of 320: runs of up to 320 steps share one state shape.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def num_worst_for(num_steps: int, level: float = CVAR_LEVEL) -> int:
 
 def worst_capacity(num_steps: int) -> int:
     """Length of the CVaR buffer for a horizon of `num_steps`: `num_worst_for(num_steps)`
-    rounded up to a power of two, at least 16 (see the module docstring)."""
-    return max(16, 1 << (num_worst_for(num_steps) - 1).bit_length())
+    rounded up to a multiple of 16 (see the module docstring)."""
+    return 16 * -(-num_worst_for(num_steps) // 16)
 
 
 def _num_worst(count: Float[Array, "*b"]) -> Int[Array, "*b"]:
