@@ -978,7 +978,8 @@ def simulate(
     numerical guards are checked: a pool that broke one raises `InvalidPoolError`, unless
     `spec.mask_invalid` (then it stays frozen, is counted in `SimResult.masked` and its
     metrics are NaN). Then `progress(done, total, run_seconds, compile_seconds)` and
-    `on_chunk(done, state, records)` are called (the latter to checkpoint). `resume =
+    `on_chunk(done, state, records)` are called (the latter to checkpoint); a Ctrl-C during
+    a chunk is raised after them (a second one at once: `_HeldInterrupt`). `resume =
     (done, state, records)` continues from such a checkpoint; the result is bitwise the same
     as an uninterrupted run. `num_devices` > 1 shards the pool axis over that many devices
     (`jax.shard_map`; results agree with one device to rounding). `key_index` (num_pools,)
