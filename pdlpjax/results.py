@@ -530,9 +530,10 @@ def _plain(v):
 def run_blocks(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = False) -> Path:
     """Simulate a config with `[[pools]]` blocks: pools over disjoint subsets of the market's
     assets, on one shared market (the same price draws), each with its hedged LP whose Schur
-    damping follows `hedge.damping_rule`. Writes `summary.json` (per block: its assets and
-    every metric's mean and interval), `config.toml`, `pools.csv` (one row per pool and
-    block) and `sharpe_hist_block<b>.png`. No checkpoints: a block is one compiled run.
+    damping follows `hedge.damping_rule`. Writes `summary.json` (per block: its assets, every
+    metric's mean and interval, and its P&L `attribution`), `config.toml`, `pools.csv` (one
+    row per pool and block) and `sharpe_hist_block<b>.png`. No checkpoints: a block is one
+    compiled run.
     """
     if cfg.simulation.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -574,6 +575,7 @@ def run_blocks(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
             {
                 "assets": list(block.assets),
                 "metrics": {k: mean_ci(v) for k, v in res.metrics.items()},
+                "attribution": summarise_attribution(res.metrics, mean_ci),
             }
         )
         for i in range(cfg.simulation.num_pools):

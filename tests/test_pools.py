@@ -159,5 +159,10 @@ def test_run_writes_a_block_results_folder(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [b["assets"] for b in summary["blocks"]] == [["BTC", "ETH"], ["SOL", "LINK"]]
     assert "hedged_sharpe" in summary["blocks"][0]["metrics"]
+    for block in summary["blocks"]:  # each block's hedged LP return, term by term
+        lp = block["attribution"]["lp_return"]
+        assert block["attribution"]["hedged"] and "hedge_pnl" in lp["terms"]
+        means = sum(t["mean"] for t in lp["terms"].values())
+        assert means == pytest.approx(lp["total"]["mean"], abs=1e-6)
     rows = (out / "pools.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * 8
