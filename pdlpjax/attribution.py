@@ -36,6 +36,8 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Array, Float
 
+from .metrics import mean_ci
+
 __all__ = [
     "LP_TERMS",
     "HEDGE_TERMS",
@@ -142,7 +144,7 @@ def attribution_metrics(
     return out
 
 
-def summarise_attribution(metrics: dict[str, np.ndarray], mean_ci) -> dict:
+def summarise_attribution(metrics: dict[str, np.ndarray]) -> dict:
     """The `attribution` section of summary.json from per-pool `metrics` (NaN for masked
     pools, which are left out of every mean).
 

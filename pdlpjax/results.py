@@ -29,6 +29,7 @@ __all__ = [
     "run_config",
     "run_blocks",
     "prepare_out_dir",
+    "simulate_config",
     "versions",
     "SimulationError",
     "Interrupted",
@@ -123,6 +124,24 @@ def _progress(name: str):
         )
 
     return show
+
+
+def simulate_config(cfg: Config, params, model, spec, *, quiet: bool = False, **extra):
+    """`simulate` with the config's seed, horizon, chunk length and devices, and progress on
+    stderr unless `quiet` or `simulation.progress = false`; `extra` goes to `simulate`."""
+    from .simulate import simulate
+
+    return simulate(
+        params,
+        model,
+        spec,
+        seed=cfg.simulation.seed,
+        num_steps=cfg.simulation.num_steps,
+        chunk_length=cfg.simulation.chunk_length,
+        progress=None if quiet or not cfg.simulation.progress else _progress(cfg.name),
+        num_devices=_num_devices(cfg),
+        **extra,
+    )
 
 
 # The [paths] params each model reads (pools.csv lists only these).
@@ -275,7 +294,7 @@ def run_config(
     if cfg.simulation.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     from .build import make_model, make_params, make_spec
-    from .simulate import InvalidPoolError, simulate
+    from .simulate import InvalidPoolError
 
     model = make_model(cfg)  # reads and checks bootstrap data before anything compiles
     out = prepare_out_dir(cfg, out_dir)
@@ -287,7 +306,6 @@ def run_config(
         (out / CHECKPOINT).unlink(missing_ok=True)
     params, spec = make_params(cfg), make_spec(cfg)
     wall0 = time.perf_counter()
-    progress = None if quiet or not cfg.simulation.progress else _progress(cfg.name)
     latest: dict = {}
     every = cfg.output.checkpoint_every
     chunks = {"n": 0}
@@ -300,17 +318,8 @@ def run_config(
             latest["saved"] = done
 
     try:
-        res = simulate(
-            params,
-            model,
-            spec,
-            seed=cfg.simulation.seed,
-            num_steps=cfg.simulation.num_steps,
-            chunk_length=cfg.simulation.chunk_length,
-            progress=progress,
-            on_chunk=on_chunk,
-            resume=saved,
-            num_devices=_num_devices(cfg),
+        res = simulate_config(
+            cfg, params, model, spec, quiet=quiet, on_chunk=on_chunk, resume=saved
         )
     except KeyboardInterrupt:
         if latest and latest.get("saved") != latest["done"]:
@@ -368,7 +377,7 @@ def run_config(
             "step": int(np.asarray(res.state.accounts.identity_error_step)[worst]),
             "tolerance": cfg.simulation.identity_tolerance,
         }
-    summary["attribution"] = summarise_attribution(res.metrics, mean_ci)
+    summary["attribution"] = summarise_attribution(res.metrics)
     summary["masked_pools"] = {"count": int(res.masked.size), "first": res.masked[:20].tolist()}
     if resume:
         summary["resumed_from_step"] = saved[0]
@@ -538,7 +547,7 @@ def run_blocks(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
     if cfg.simulation.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     from .build import make_block, make_model
-    from .simulate import InvalidPoolError, simulate
+    from .simulate import InvalidPoolError
 
     model = make_model(cfg)
     out = prepare_out_dir(cfg, out_dir)
@@ -551,16 +560,7 @@ def run_blocks(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
     for b, block in enumerate(cfg.pools):
         params, spec = make_block(cfg, b)
         try:
-            res = simulate(
-                params,
-                model,
-                spec,
-                seed=cfg.simulation.seed,
-                num_steps=cfg.simulation.num_steps,
-                chunk_length=cfg.simulation.chunk_length,
-                progress=None if quiet or not cfg.simulation.progress else _progress(cfg.name),
-                num_devices=_num_devices(cfg),
-            )
+            res = simulate_config(cfg, params, model, spec, quiet=quiet)
         except InvalidPoolError as err:
             raise SimulationError(
                 f"pools[{b}] pool {err.pool}, step {err.step}: {guard_names(err.code)}"
@@ -575,7 +575,7 @@ def run_blocks(cfg: Config, out_dir: str | Path | None = None, *, quiet: bool = 
             {
                 "assets": list(block.assets),
                 "metrics": {k: mean_ci(v) for k, v in res.metrics.items()},
-                "attribution": summarise_attribution(res.metrics, mean_ci),
+                "attribution": summarise_attribution(res.metrics),
             }
         )
         for i in range(cfg.simulation.num_pools):

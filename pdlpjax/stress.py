@@ -339,8 +339,8 @@ def stress_test(
     if cfg.simulation.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     from .build import make_model, make_params, make_spec
-    from .results import SimulationError, _num_devices, _progress, prepare_out_dir, versions
-    from .simulate import InvalidPoolError, simulate
+    from .results import SimulationError, prepare_out_dir, simulate_config, versions
+    from .simulate import InvalidPoolError
 
     model = make_model(cfg)
     stem = dataclasses.replace(cfg, name=f"{cfg.name}-stress")
@@ -351,16 +351,7 @@ def stress_test(
     spec = dataclasses.replace(make_spec(cfg), record_every=0)  # the final state is enough
     wall0 = time.perf_counter()
     try:
-        res = simulate(
-            make_params(cfg),
-            model,
-            spec,
-            seed=cfg.simulation.seed,
-            num_steps=cfg.simulation.num_steps,
-            chunk_length=cfg.simulation.chunk_length,
-            progress=None if quiet or not cfg.simulation.progress else _progress(cfg.name),
-            num_devices=_num_devices(cfg),
-        )
+        res = simulate_config(cfg, make_params(cfg), model, spec, quiet=quiet)
     except InvalidPoolError as err:
         raise SimulationError(
             f"pool {err.pool}, step {err.step}: a guard broke while simulating the starting "
