@@ -151,8 +151,6 @@ def make_spec(cfg: Config) -> SimSpec:
         hedge_estimator=cfg.hedge.covariance,
         hedge_window=cfg.hedge.window,
         damping_rule="fixed" if cfg.hedge.damping_rule in FIXED_DAMPING else cfg.hedge.damping_rule,
-        smooth=cfg.simulation.smooth,
-        temperature=float(cfg.simulation.temperature),
         coupling=cfg.hedge.coupling,
     )
 

@@ -119,7 +119,9 @@ class MarketConfig:
         broadcast=True,
         doc="price of each risky asset at t=0, in numéraire",
     )
-    cohorts: int = _f(16, type=int, lo=1, hi=4096, doc="K, position cohorts per market and side")
+    cohorts: int = _f(
+        16, type=int, lo=1, hi=4096, doc="K, position buckets per market and side (the book)"
+    )
     funding_kappa: Any = _dyn(1.0e-4, lo=0.0, doc="κ of the funding rate (eq. 2), per step")
     funding_cap: Any = _dyn(1.0e-3, lo=0.0, hi=1.0, doc="cap on |funding rate| per step")
     open_rate: Any = _dyn(
@@ -131,9 +133,18 @@ class MarketConfig:
         broadcast=True,
         doc="new notional per step and side, fraction of pool value, per market",
     )
-    mean_holding: Any = _dyn(48.0, lo=1.0, doc="mean holding time in steps (geometric exits)")
-    leverage: Any = _dyn(5.0, lo=1.0, doc="median leverage of new trades")
-    leverage_vol: Any = _dyn(0.5, lo=0.0, hi=5.0, doc="sd of log leverage of new trades")
+    mean_holding: Any = _dyn(
+        48.0, lo=1.0, doc="mean holding time in steps (1/mean_holding of the book exits per step)"
+    )
+    leverage: Any = _dyn(5.0, lo=1.0, doc="median leverage of new crowds of traders")
+    leverage_vol: Any = _dyn(0.5, lo=0.0, hi=5.0, doc="sd of log leverage, crowd to crowd")
+    leverage_spread: Any = _dyn(
+        0.5,
+        lo=0.0,
+        hi=1.0,
+        hi_open=True,
+        doc="w: within a crowd, margin fractions are uniform on (1 ± w)/leverage",
+    )
     max_leverage: Any = _dyn(50.0, lo=1.0, doc="collateral condition (eq. 1): leverage cap")
     fee_elasticity: Any = _dyn(1.0, lo=0.0, doc="demand × exp(−elasticity × fee × steps_per_year)")
     momentum: Any = _dyn(0.3, lo=-5.0, hi=5.0, doc="log-demand tilt per sd of the last return")
@@ -363,15 +374,6 @@ class SimulationConfig:
     )
     identity_tolerance: float = _f(
         1.0e-4, lo=0.0, doc="largest relative accounting-identity violation allowed"
-    )
-    smooth: bool = _f(
-        False,
-        type=bool,
-        doc="relax liquidations, trade acceptance, the funding arbitrageur and the funding cap "
-        "(for calibration by gradient; exact mode is the default for run and sweep)",
-    )
-    temperature: float = _f(
-        0.05, lo=0.0, lo_open=True, hi=10.0, doc="temperature of the smooth relaxations"
     )
     on_invalid: str = _f(
         "stop",
@@ -702,8 +704,6 @@ def ignored_because(cfg: Config, section: str, key: str) -> str | None:
             return "pool.swap_arbitrage = false"
         if key == "rebalance" and pool.mode != "passive":
             return f'pool.mode = "{pool.mode}"'
-    if section == "simulation" and key == "temperature" and not cfg.simulation.smooth:
-        return "simulation.smooth = false"
     return None
 
 
@@ -909,10 +909,24 @@ def _resolve_data_path(cfg: Config, base_dir: Path) -> Config:
     return dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, data=str(p)))
 
 
+# Keys of earlier versions, with what replaced them.
+_NO_RELAXATION = (
+    "since 2026-12 the position book is continuous in exact mode (crowds with a spread of "
+    "liquidation prices, fractional exits and acceptance), so gradients need no relaxation; "
+    "delete the key"
+)
+REMOVED_KEYS = {
+    "simulation.smooth": _NO_RELAXATION,
+    "simulation.temperature": _NO_RELAXATION,
+}
+
+
 def _build_section(name: str, cls: type, table: dict) -> Any:
     known = specs(cls)
     values = {}
     for key, value in table.items():
+        if f"{name}.{key}" in REMOVED_KEYS:
+            raise ConfigError(f"{name}.{key}: removed: {REMOVED_KEYS[f'{name}.{key}']}")
         if key not in known:
             raise ConfigError(f"{name}.{key}: unknown key; expected one of {', '.join(known)}")
         spec = known[key]

@@ -1,47 +1,76 @@
-"""The perpetuals exchange: position cohorts, liquidation, funding, lending fees, trader flow.
+"""The perpetuals exchange: the position book, liquidation, funding, lending fees, trader flow.
 
-Positions live in a fixed-size book: per risky market and side (0 long, 1 short) a ring of K
-cohorts, each with size δ (tokens), entry price p0, margin c (numéraire), entry leverage
-η = δ p0 / c and an open flag (Chitra et al. §2.1: a trade is (c, δ, η, p0)).
+**Crowds.** A trade request on one market and side (Chitra et al. §2.1: a trade is
+(c, δ, η, p0)) is a *crowd* of traders who enter at the same price p0 with margin fractions
+m = c/(δ p0) spread uniformly on [m̄(1 − w), m̄(1 + w)] around m̄ = 1/η (w =
+`leverage_spread`). A member's liquidation price ("key") is q = p0(1 − m) for a long,
+p0(1 + m) for a short, so a crowd's keys are uniform on an interval.
+
+**Buckets.** The book holds, per risky market and side (0 long, 1 short), K buckets. A bucket
+carries its members' summed size δ (tokens), entry notional n = Σ δ p0, margin c, the
+half-width a of their keys (taken as uniform on [q̄ − a, q̄ + a]; the mean key q̄ = (n − c)/δ
+for longs, (n + c)/δ for shorts, is carried by the sums) and a count of crowd-equivalents.
+One crowd is represented exactly:
+- fees and funding move every member's margin by the same amount per token, so they shift
+  the keys together;
+- exits take the same fraction 1/mean_holding of every member (the expected exits of a crowd);
+- a price crossing into the keys liquidates the members beyond it, and the rest stays
+  uniform.
+So liquidations are partial, continuous in the price and in every parameter: the pathwise
+gradient needs no relaxation. Only merging is an approximation: when all K buckets are open, a
+new crowd joins the pair of buckets (or bucket and crowd) that are nearest in key and spread
+(a Ward-style cost), and the merged bucket keeps the pair's mean key and key variance.
 
 The pool is every trader's counterparty (GMX/JLP style). What a position borrows is what the
 pool *reserves* for it: a long reserves δ tokens of its asset (its profit δ(p − p0)/p tokens
-never exceeds them), a short reserves δ p0 numéraire (its profit δ(p0 − p) never exceeds it).
-So settling a profit never makes a reserve negative, and the solvency requirement is
+never exceeds them), a short reserves n = δ p0 numéraire (its profit δ(p0 − p) never exceeds
+it). So settling a profit never makes a reserve negative, and the solvency requirement is
 reserved ≤ `max_utilisation` · R per asset (R^A = R − reserved ≥ 0).
 
-All functions are pure and unbatched; shapes use r = risky markets, K = cohorts per side.
+All functions are pure and unbatched; shapes use r = risky markets, K = buckets per side.
 """
 
 from __future__ import annotations
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
 
 from ._numerics import fixed_sum
 
 __all__ = [
     "MarketParams",
     "Book",
+    "Crowd",
+    "Settlement",
     "SIGN",
+    "DUST_NOTIONAL",
     "empty_book",
     "side_sizes",
     "reserved",
+    "mean_key",
+    "pnl",
     "unrealised_pnl",
     "open_interest",
-    "liquidation_mask",
-    "liquidation_weight",
-    "settle",
+    "liquidation_fraction",
+    "liquidate",
+    "leave",
+    "settle_chunk",
     "funding_rate",
     "pay_funding",
     "charge_fees",
     "funding_arbitrage",
+    "trader_demand",
+    "accept_trades",
+    "add_crowd",
 ]
 
-# Trades below this notional (numéraire) are not opened (see `open_cohorts`).
+# Accepted crowds below this notional (numéraire) are not written (see `add_crowd`).
 DUST_NOTIONAL = 1e-12
+
+# A liquidation that leaves less than this fraction of a bucket closes it whole: dust would
+# hold a slot, and its size, squared in the gradient, underflows (0 · inf = NaN).
+CLOSE_BELOW = 1e-6
 
 # +1 for longs, −1 for shorts: sign(η).
 SIGN = jnp.array([1.0, -1.0])
@@ -54,9 +83,10 @@ class MarketParams(eqx.Module):
     funding_kappa: Float[Array, ""]  # κ of eq. 2, per step
     funding_cap: Float[Array, ""]  # |γ_L| ≤ cap, per step
     open_rate: Float[Array, " r"]  # new notional per step and side, fraction of pool value
-    mean_holding: Float[Array, ""]  # steps; exits are geometric with p = 1 / mean_holding
-    leverage: Float[Array, ""]  # median leverage of new trades
-    leverage_vol: Float[Array, ""]  # sd of log leverage
+    mean_holding: Float[Array, ""]  # steps; the fraction 1/mean_holding of the book leaves
+    leverage: Float[Array, ""]  # median leverage of new crowds
+    leverage_vol: Float[Array, ""]  # sd of log leverage, crowd to crowd
+    leverage_spread: Float[Array, ""]  # w: margin fractions within a crowd on m̄(1 ± w)
     max_leverage: Float[Array, ""]  # collateral condition (eq. 1): p0 δ ≤ η_max c
     fee_elasticity: Float[Array, ""]  # demand × exp(−elasticity · annualised fee)
     momentum: Float[Array, ""]  # demand tilt per sd of last return
@@ -65,41 +95,52 @@ class MarketParams(eqx.Module):
 
 
 class Book(eqx.Module):
-    """Open positions of one pool, shape `(r, 2, K)` (market, side, cohort)."""
+    """Open positions of one pool, shape `(r, 2, K)` (market, side, bucket)."""
 
-    size: Float[Array, "r 2 k"]
-    entry: Float[Array, "r 2 k"]
-    margin: Float[Array, "r 2 k"]
-    leverage: Float[Array, "r 2 k"]
-    opened_at: Int[Array, "r 2 k"]
+    size: Float[Array, "r 2 k"]  # δ, tokens
+    notional: Float[Array, "r 2 k"]  # n = Σ δ p0, numéraire
+    margin: Float[Array, "r 2 k"]  # c, numéraire (charges are not capped: may dip below 0)
+    spread: Float[Array, "r 2 k"]  # a: keys uniform on [q̄ − a, q̄ + a], price units
+    count: Float[Array, "r 2 k"]  # crowd-equivalents (1 per crowd, shrinking as it leaves)
     is_open: Bool[Array, "r 2 k"]
 
 
-def empty_book(num_risky: int, num_cohorts: int, dtype) -> Book:
+def empty_book(num_risky: int, num_buckets: int, dtype) -> Book:
     """A book with no open positions."""
-    z = jnp.zeros((num_risky, 2, num_cohorts), dtype)
-    return Book(z, z, z, z, jnp.zeros(z.shape, jnp.int32), jnp.zeros(z.shape, bool))
+    z = jnp.zeros((num_risky, 2, num_buckets), dtype)
+    return Book(z, z, z, z, z, jnp.zeros(z.shape, bool))
 
 
 def _open(book: Book, x: Array) -> Array:
     return jnp.where(book.is_open, x, 0.0)
 
 
+def _safe(x: Array, ok: Array) -> Array:
+    """`x` where `ok`, else 1: a divisor whose masked-out lanes keep gradients finite."""
+    return jnp.where(ok, x, 1.0)
+
+
 def side_sizes(book: Book) -> Float[Array, "r 2"]:
-    """Cumulative open size per market and side: (L, S) in tokens."""
+    """Open size per market and side: (L, S) in tokens."""
     return fixed_sum(_open(book, book.size), axis=-1)
 
 
 def reserved(book: Book) -> tuple[Float[Array, " r"], Float[Array, ""]]:
     """What the book borrows from the pool: long tokens per market, short numéraire in total."""
     long_tokens = fixed_sum(_open(book, book.size)[:, 0], axis=-1)
-    short_value = fixed_sum(_open(book, book.size * book.entry)[:, 1])
+    short_value = fixed_sum(_open(book, book.notional)[:, 1])
     return long_tokens, short_value
 
 
+def mean_key(book: Book) -> Float[Array, "r 2 k"]:
+    """Each bucket's mean liquidation price q̄: (n − c)/δ for longs, (n + c)/δ for shorts."""
+    signed = book.notional - SIGN[None, :, None] * book.margin
+    return signed / _safe(book.size, book.is_open & (book.size > 0))
+
+
 def pnl(book: Book, prices: Float[Array, " r"]) -> Float[Array, "r 2 k"]:
-    """Each cohort's unrealised PnL sign(η) δ (p − p0) (zero where closed)."""
-    return _open(book, SIGN[None, :, None] * book.size * (prices[:, None, None] - book.entry))
+    """Each bucket's unrealised PnL sign(η) (δ p − n) (zero where closed)."""
+    return _open(book, SIGN[None, :, None] * (book.size * prices[:, None, None] - book.notional))
 
 
 def unrealised_pnl(book: Book, prices: Float[Array, " r"]) -> Float[Array, ""]:
@@ -112,103 +153,118 @@ def open_interest(book: Book, prices: Float[Array, " r"]) -> Float[Array, ""]:
     return fixed_sum(_open(book, book.size) * prices[:, None, None])
 
 
-def liquidation_mask(book: Book, prices: Float[Array, " r"]) -> Bool[Array, "r 2 k"]:
-    """Open cohorts meeting the liquidation condition sign(η) δ (p0 − p) ≥ c (§2.1)."""
-    loss = SIGN[None, :, None] * book.size * (book.entry - prices[:, None, None])
-    return book.is_open & (loss >= book.margin)
+def liquidation_fraction(book: Book, prices: Float[Array, " r"]) -> Float[Array, "r 2 k"]:
+    """The fraction φ of each bucket whose members meet the liquidation condition
+    sign(η) δ (p0 − p) ≥ c (§2.1) at `prices`: the keys at or beyond p.
 
-
-def liquidation_weight(
-    book: Book, prices: Float[Array, " r"], temperature: float
-) -> Float[Array, "r 2 k"]:
-    """Smooth mode: the fraction of each open cohort liquidated, sigmoid((loss − c)/(τ c)),
-    which tends to `liquidation_mask` as τ → 0.
-
-    Computed per unit of size (loss/δ and c/δ), which are O(price) whatever the cohort's
-    size: with the plain ratio a cohort worn down to dust by partial liquidations has
-    c² below the smallest float, and its gradient turns into 0 · inf = NaN.
+    Long: φ = clip((q̄ + a − p)/(2a), 0, 1); short: clip((p − q̄ + a)/(2a), 0, 1); a bucket
+    without spread is liquidated whole or not at all. A remainder below `CLOSE_BELOW` is
+    liquidated with it.
     """
-    size = jnp.where(book.size > 0, book.size, 1.0)
-    unit_loss = SIGN[None, :, None] * (book.entry - prices[:, None, None])
-    unit_margin = book.margin / size
-    safe = jnp.where(unit_margin > 0, unit_margin, 1.0)
-    weight = jax.nn.sigmoid((unit_loss - unit_margin) / (temperature * safe))
-    return jnp.where(book.is_open & (book.size > 0), weight, 0.0)
+    x = prices[:, None, None]
+    q = mean_key(book)
+    a = book.spread
+    spread = a > 0
+    half = _safe(2.0 * a, spread)
+    beyond = SIGN[None, :, None] * (q - x)  # > 0: the mean key is crossed
+    frac = jnp.where(spread, jnp.clip((beyond + a) / half, 0.0, 1.0), (beyond >= 0).astype(x.dtype))
+    frac = jnp.where(frac > 1.0 - CLOSE_BELOW, 1.0, frac)
+    return jnp.where(book.is_open, frac, 0.0)
 
 
 class Settlement(eqx.Module):
-    """Result of closing the cohorts in a mask at the current prices."""
+    """The pool's side of closing part of the book at the current prices."""
 
-    book: Book
+    book: Book  # what remains
     reserve_change: Float[Array, " n"]  # tokens per asset, numéraire last
-    received: Float[Array, ""]  # value the pool took from traders' margins (≥ 0)
+    received: Float[Array, ""]  # value the pool took from traders' margins
     paid: Float[Array, ""]  # value the pool paid to traders in profit (≥ 0)
     bad_debt: Float[Array, ""]  # losses beyond the margin, absorbed by the pool (≥ 0)
-    count: Float[Array, ""]
+    count: Float[Array, ""]  # crowd-equivalents closed
+    notional: Float[Array, ""]  # Σ δ p of what closed, at the current prices
 
 
-def settle(
-    book: Book, mask: Bool[Array, "r 2 k"] | Float[Array, "r 2 k"], prices: Float[Array, " r"]
-) -> Settlement:
-    """Close the cohorts in `mask` against the pool at `prices`.
-
-    A trader's PnL π = sign(η) δ (p − p0). In profit, the pool pays π (a long in tokens of its
-    asset, π/p of them, from the tokens reserved for it; a short in numéraire). At a loss the
-    pool takes min(−π, c) from the margin in numéraire; the rest, max(−π − c, 0), is bad debt.
-    A float `mask` (smooth mode) closes that fraction of each cohort: size and margin shrink
-    by it, the cohort stays open, and the count adds the fractions.
-    """
-    if mask.dtype != jnp.bool_:
-        return _settle_fraction(book, mask, prices)
-    p = jnp.where(mask, pnl(book, prices), 0.0)
-    margin = jnp.where(mask, book.margin, 0.0)
-    book = eqx.tree_at(lambda b: b.is_open, book, book.is_open & ~mask)
-    return _settlement(book, p, margin, prices, jnp.sum(mask).astype(prices.dtype))
-
-
-def _settlement(
-    book: Book,
-    p: Float[Array, "r 2 k"],
+def settle_chunk(
+    size: Float[Array, "r 2 k"],
+    notional: Float[Array, "r 2 k"],
     margin: Float[Array, "r 2 k"],
     prices: Float[Array, " r"],
-    count: Float[Array, ""],
-) -> Settlement:
-    """The pool's side of closing positions with PnL `p` and margin `margin` (zero where
-    nothing closes); `book` is the book after the closing."""
+) -> tuple[Float[Array, " n"], Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
+    """Close positions (δ, n, c) against the pool at `prices` (zero where nothing closes).
+
+    With PnL π = sign(η)(δ p − n) and equity π + c, the trader leaves with max(π + c, 0). The
+    pool pays gain = max(π, 0) (a long in tokens of its asset, gain/p of them; a short in
+    numéraire), takes c − max(π + c, 0) + gain in numéraire (min(−π, c) for a loss within a
+    non-negative margin) and absorbs bad debt max(−(π + c), 0).
+    **Returns:** the reserve change (tokens per asset, numéraire last), received, paid, bad
+    debt.
+    """
+    p = SIGN[None, :, None] * (size * prices[:, None, None] - notional)
     gain = jnp.maximum(p, 0.0)
-    taken = jnp.minimum(jnp.maximum(-p, 0.0), margin)
-    bad = jnp.maximum(-p - margin, 0.0)
+    taken = margin - jnp.maximum(p + margin, 0.0) + gain
+    bad = jnp.maximum(-(p + margin), 0.0)
     long_tokens_paid = fixed_sum(gain[:, 0], axis=-1) / prices
-    short_paid = fixed_sum(gain[:, 1])
-    numeraire_in = fixed_sum(taken) - short_paid
+    numeraire_in = fixed_sum(taken) - fixed_sum(gain[:, 1])
     change = jnp.concatenate([-long_tokens_paid, numeraire_in[None]])
+    return change, fixed_sum(taken), fixed_sum(gain), fixed_sum(bad)
+
+
+def _close(book: Book, frac: Array, chunk_margin: Array, keep_spread: Array, prices) -> Settlement:
+    """Close the fraction `frac` of each bucket (margin `chunk_margin` goes with it); the rest
+    keeps spread `keep_spread`."""
+    frac = jnp.where(book.is_open, frac, 0.0)
+    size, notional = book.size * frac, book.notional * frac
+    chunk_margin = jnp.where(book.is_open, chunk_margin, 0.0)
+    change, received, paid, bad = settle_chunk(size, notional, chunk_margin, prices)
+    keep = 1.0 - frac
+    still = book.is_open & (frac < 1.0)
+    after = Book(
+        size=jnp.where(still, book.size * keep, 0.0),
+        notional=jnp.where(still, book.notional * keep, 0.0),
+        margin=jnp.where(still, book.margin - chunk_margin, 0.0),
+        spread=jnp.where(still, keep_spread, 0.0),
+        count=jnp.where(still, book.count * keep, 0.0),
+        is_open=still,
+    )
     return Settlement(
-        book=book,
+        book=after,
         reserve_change=change,
-        received=fixed_sum(taken),
-        paid=fixed_sum(gain),
-        bad_debt=fixed_sum(bad),
-        count=count,
+        received=received,
+        paid=paid,
+        bad_debt=bad,
+        count=fixed_sum(book.count * frac),
+        notional=fixed_sum(size * prices[:, None, None]),
     )
 
 
-def _settle_fraction(
-    book: Book, frac: Float[Array, "r 2 k"], prices: Float[Array, " r"]
-) -> Settlement:
-    p = pnl(book, prices) * frac
-    margin = _open(book, book.margin) * frac
-    # A cohort liquidated all but a sliver, or worn down below 1e-9 of the book's notional,
-    # is closed: dust would pile up in the ring, and its size, squared in the gradient,
-    # underflows (0 · inf = NaN).
-    notional = _open(book, book.size * book.entry)
-    closed = (frac > 1.0 - 1e-3) | (notional * (1.0 - frac) < 1e-9 * fixed_sum(notional))
-    keep = jnp.where(closed, 0.0, 1.0 - frac)
-    after = eqx.tree_at(
-        lambda b: (b.size, b.margin, b.is_open),
-        book,
-        (book.size * keep, book.margin * keep, book.is_open & ~closed),
-    )
-    return _settlement(after, p, margin, prices, fixed_sum(frac))
+def liquidate(book: Book, prices: Float[Array, " r"]) -> Settlement:
+    """Liquidate the members whose keys the prices reached (§2.1, Appendix A step 2).
+
+    The liquidated members' keys are uniform on the crossed end of [q̄ − a, q̄ + a]; with
+    their mean μ, their margin is n_L − δ_L μ (long) or δ_L μ − n_L (short), so each one's
+    loss beyond its margin, sign(η)(μ − p) per token, is bad debt. The rest keeps keys
+    uniform on the uncrossed part: mean q̄ ∓ aφ, half-width a(1 − φ).
+    """
+    frac = liquidation_fraction(book, prices)
+    x = prices[:, None, None]
+    q, a = mean_key(book), book.spread
+    long_mu = 0.5 * (jnp.maximum(x, q - a) + q + a)
+    short_mu = 0.5 * (q - a + jnp.minimum(x, q + a))
+    mu = jnp.stack([long_mu[:, 0], short_mu[:, 1]], axis=1)
+    size, notional = book.size * frac, book.notional * frac
+    margin = SIGN[None, :, None] * (notional - size * mu)
+    # Buckets without spread, or closed whole, give their own margin (μ's formula is exact
+    # there too, but a whole bucket's margin is known without rounding).
+    margin = jnp.where((frac >= 1.0) | (a <= 0), book.margin * frac, margin)
+    return _close(book, frac, margin, a * (1.0 - frac), prices)
+
+
+def leave(book: Book, fraction: Float[Array, ""], prices: Float[Array, " r"]) -> Settlement:
+    """Exits: the same fraction of every member of every bucket closes at `prices` (the
+    expected exits of a crowd whose traders each leave with probability `fraction` per step).
+    Keys and spreads are unchanged."""
+    frac = jnp.broadcast_to(fraction, book.size.shape)
+    return _close(book, frac, book.margin * frac, book.spread, prices)
 
 
 def funding_rate(
@@ -217,10 +273,8 @@ def funding_rate(
     p_old: Float[Array, " r"],
     kappa: Float[Array, ""],
     cap: Float[Array, ""],
-    smooth: bool = False,
 ) -> Float[Array, " r"]:
-    """Linear funding rate γ_L = κ (L/S − p_{t+1}/p_t) (eq. 2), clamped to [−cap, cap]
-    (`smooth`: cap · tanh(γ/cap), which has a gradient past the cap).
+    """Linear funding rate γ_L = κ (L/S − p_{t+1}/p_t) (eq. 2), clamped to [−cap, cap].
 
     γ > 0: longs pay shorts (the paper's worked example: L = 1000, S = 250 gives 3κ and "longs
     pay shorts"; §2.1's sentence before it states the opposite sign). Zero when either side is
@@ -228,14 +282,9 @@ def funding_rate(
     """
     long_size, short_size = sizes[:, 0], sizes[:, 1]
     both = (long_size > 0) & (short_size > 0)
-    ratio = long_size / jnp.where(short_size > 0, short_size, 1.0)
+    ratio = long_size / _safe(short_size, short_size > 0)
     gamma = kappa * (ratio - p_new / p_old)
-    if smooth:
-        safe_cap = jnp.where(cap > 0, cap, 1.0)
-        capped = jnp.where(cap > 0, safe_cap * jnp.tanh(gamma / safe_cap), 0.0)
-    else:
-        capped = jnp.clip(gamma, -cap, cap)
-    return jnp.where(both, capped, 0.0)
+    return jnp.where(both, jnp.clip(gamma, -cap, cap), 0.0)
 
 
 def pay_funding(
@@ -243,26 +292,23 @@ def pay_funding(
 ) -> tuple[Book, Float[Array, ""]]:
     """Pay funding between the sides of each market, pro rata (Appendix A step 3).
 
-    Each cohort of the paying side pays |γ| δ p, at most its margin; the receiving side shares
-    what was paid in proportion to size. Zero-sum between traders: the pool's value is unchanged.
+    Each bucket of the paying side pays |γ| δ p from its margin (not capped: a member whose
+    margin runs out is liquidated at the next price, and any shortfall is bad debt then); the
+    receiving side shares what was paid in proportion to size. Zero-sum between traders.
     **Returns:** the book with updated margins, and the total paid.
     """
     payer = jnp.where(gamma > 0, 0, 1)  # side index that pays, per market
     side = jnp.arange(2)[None, :, None]
     is_payer = book.is_open & (side == payer[:, None, None])
     is_receiver = book.is_open & (side != payer[:, None, None])
-    owed = jnp.abs(gamma)[:, None, None] * book.size * prices[:, None, None]
-    paid = jnp.where(is_payer, jnp.minimum(owed, book.margin), 0.0)
-    total = fixed_sum(paid, axis=(1, 2))  # per market
     recv_size = fixed_sum(jnp.where(is_receiver, book.size, 0.0), axis=(1, 2))
-    share = (
-        jnp.where(is_receiver, book.size, 0.0)
-        / jnp.where(recv_size > 0, recv_size, 1.0)[:, None, None]
-    )
     # No receiver: nothing is paid (funding_rate already returns 0 then).
-    total = jnp.where(recv_size > 0, total, 0.0)
-    paid = jnp.where((recv_size > 0)[:, None, None], paid, 0.0)
-    margin = book.margin - paid + share * total[:, None, None]
+    rate = jnp.where(recv_size > 0, jnp.abs(gamma), 0.0)
+    paid = jnp.where(is_payer, rate[:, None, None] * book.size * prices[:, None, None], 0.0)
+    total = fixed_sum(paid, axis=(1, 2))  # per market
+    per_token = total / _safe(recv_size, recv_size > 0)
+    received = jnp.where(is_receiver, book.size * per_token[:, None, None], 0.0)
+    margin = book.margin - paid + received
     return eqx.tree_at(lambda b: b.margin, book, margin), fixed_sum(total)
 
 
@@ -272,13 +318,11 @@ def charge_fees(
     """Lending fee f per period on what each position borrows, paid from its margin (§2.2).
 
     Borrowed value: a long's reserved tokens at the current price (δ p), a short's reserved
-    numéraire (δ p0). A margin smaller than the fee pays what it has.
+    numéraire (n). Not capped at the margin (see `pay_funding`).
     **Returns:** the book with updated margins, and the fees collected by the pool.
     """
-    borrowed = jnp.stack(
-        [book.size[:, 0] * prices[:, None], book.size[:, 1] * book.entry[:, 1]], axis=1
-    )
-    due = jnp.where(book.is_open, jnp.minimum(fee * borrowed, book.margin), 0.0)
+    borrowed = jnp.stack([book.size[:, 0] * prices[:, None], book.notional[:, 1]], axis=1)
+    due = _open(book, fee * borrowed)
     return eqx.tree_at(lambda b: b.margin, book, book.margin - due), fixed_sum(due)
 
 
@@ -288,41 +332,34 @@ def funding_arbitrage(
     p_new: Float[Array, " r"],
     p_old: Float[Array, " r"],
     fee: Float[Array, ""],
-    temperature: float | None = None,
 ) -> Float[Array, "r 2"]:
     """Size the funding-rate arbitrageur opens on each market and side (eq. 3 and 4).
 
-    The arbitrageur joins the receiving side with the size that brings the rate to zero: with
-    shorts paying (γ < 0) a long ℓ = S p/p0 − L (eq. 3 is the case L = S = L0: ℓ = L0 (p/p0 − 1));
-    with longs paying a short s = L p0/p − S. It opens only if the funding it would receive
-    for one period covers the lending fee: ℓ/(L+ℓ) · |γ| · (payer size) · p ≥ f ℓ p, i.e.
-    f (L + ℓ) ≤ |γ| S (eq. 4 in consistent units: eq. 4 as printed divides by L0 a second
-    time, comparing a rate with an amount).
+    With shorts paying (γ < 0), a long of size ℓ would receive ℓ/(L + ℓ) · |γ| S p for one
+    period and pay the lending fee f ℓ p: its profit is largest at ℓ* = √(|γ| S L / f) − L,
+    positive exactly when f L < |γ| S (eq. 4 at ℓ → 0, in consistent units: eq. 4 as printed
+    divides by L0 a second time). It opens clip(ℓ*, 0, S p/p0 − L): never more than the size
+    that brings the rate to zero (eq. 3 is the case L = S = L0: ℓ = L0 (p/p0 − 1)). With longs
+    paying, a short s* = √(γ L S / f) − S, at most L p0/p − S. A fee of 0 opens the cap.
+    Sized this way (rather than all-or-nothing at eq. 3's size) the arbitrageur's position is
+    continuous in the fee and the rate.
     """
     long_size, short_size = sizes[:, 0], sizes[:, 1]
     ratio = p_new / p_old
     want_long = jnp.maximum(short_size * ratio - long_size, 0.0)
     want_short = jnp.maximum(long_size / ratio - short_size, 0.0)
-    if temperature is not None:  # smooth mode: the go/no-go decisions become weights
-        cost_l, gain_l = fee * (long_size + want_long), -gamma * short_size
-        cost_s, gain_s = fee * (short_size + want_short), gamma * long_size
-        # Where both are 0 (an empty side) the scale is 1: a floor like 1e-30 would square
-        # to 0 in float32 in the gradient (0 · inf = NaN).
-        scale_l = jnp.abs(cost_l) + jnp.abs(gain_l)
-        scale_s = jnp.abs(cost_s) + jnp.abs(gain_s)
-        scale_l = jnp.where(scale_l > 0, scale_l, 1.0)
-        scale_s = jnp.where(scale_s > 0, scale_s, 1.0)
-        w_long = jax.nn.sigmoid((gain_l - cost_l) / (temperature * scale_l))
-        w_short = jax.nn.sigmoid((gain_s - cost_s) / (temperature * scale_s))
-        # As in `accept_trades`: no dust requests from the sigmoid's tails.
-        w_long = jnp.where(w_long < 1e-6, 0.0, w_long)
-        w_short = jnp.where(w_short < 1e-6, 0.0, w_short)
-        return jnp.stack([w_long * want_long, w_short * want_short], axis=1)
-    go_long = (gamma < 0) & (fee * (long_size + want_long) <= -gamma * short_size)
-    go_short = (gamma > 0) & (fee * (short_size + want_short) <= gamma * long_size)
-    return jnp.stack(
-        [jnp.where(go_long, want_long, 0.0), jnp.where(go_short, want_short, 0.0)], axis=1
-    )
+    priced = fee > 0
+    safe_fee = _safe(fee, priced)
+    pay_l = jnp.maximum(-gamma, 0.0) * short_size * long_size / safe_fee
+    pay_s = jnp.maximum(gamma, 0.0) * long_size * short_size / safe_fee
+    # √ at 0 has an infinite derivative: take it where the argument is positive only.
+    root_l = jnp.sqrt(_safe(pay_l, pay_l > 0)) * (pay_l > 0)
+    root_s = jnp.sqrt(_safe(pay_s, pay_s > 0)) * (pay_s > 0)
+    best_l = jnp.where(priced, root_l - long_size, jnp.where(gamma < 0, jnp.inf, 0.0))
+    best_s = jnp.where(priced, root_s - short_size, jnp.where(gamma > 0, jnp.inf, 0.0))
+    go_long = jnp.where(gamma < 0, jnp.clip(best_l, 0.0, want_long), 0.0)
+    go_short = jnp.where(gamma > 0, jnp.clip(best_s, 0.0, want_short), 0.0)
+    return jnp.stack([go_long, go_short], axis=1)
 
 
 def trader_demand(
@@ -351,29 +388,21 @@ def trader_demand(
     return notional, lev
 
 
-def next_slots(book: Book) -> tuple[Int[Array, "r 2"], Bool[Array, "r 2"]]:
-    """Where each market and side writes its next cohort: the first free slot, else the newest
-    cohort, into which the new trade merges.
+class Crowd(eqx.Module):
+    """Accepted crowds, one per market and side (all `(r, 2)`; zero where none)."""
 
-    Merging keeps every trader's PnL exact (Σ δ (p − p0) is linear: the merged entry price is
-    the size-weighted mean) and what is reserved (Σ δ p0); it only pools the margins of the
-    merged trades for liquidation, as one account holding both would. So K bounds the number
-    of distinct cohorts, never the holding time. **Returns:** the slot, and whether it merges.
-    """
-    free = ~book.is_open
-    any_free = jnp.any(free, axis=-1)
-    first_free = jnp.argmax(free, axis=-1)
-    newest = jnp.argmax(book.opened_at, axis=-1)
-    slot = jnp.where(any_free, first_free, newest).astype(jnp.int32)
-    return slot, ~any_free
+    size: Float[Array, "r 2"]  # δ, tokens
+    notional: Float[Array, "r 2"]  # δ p0
+    margin: Float[Array, "r 2"]  # the members' summed margin
+    spread: Float[Array, "r 2"]  # half-width of their keys, price units
+    count: Float[Array, "r 2"]  # the accepted fraction of the request
 
 
 class Acceptance(eqx.Module):
-    """Trades after the collateral and solvency checks (all `(r, 2)`)."""
+    """Trades after the collateral and solvency checks: one `Crowd` per request."""
 
-    size: Float[Array, "r 2"]
-    margin: Float[Array, "r 2"]
-    rejected: Float[Array, ""]
+    crowds: list[Crowd]
+    rejected: Float[Array, ""]  # Σ over requests with notional > 0 of the fraction refused
 
 
 def accept_trades(
@@ -383,131 +412,147 @@ def accept_trades(
     book: Book,
     max_leverage: Float[Array, ""],
     max_utilisation: Float[Array, ""],
-    temperature: float | None = None,
+    spread: Float[Array, ""],
 ) -> Acceptance:
-    """Check trade requests in order and keep the valid ones (Appendix A step 5).
+    """Check trade requests in order and accept what passes (Appendix A step 5).
 
     `requests` is a list of (notional, leverage) pairs, each `(r, 2)`, checked in list order,
-    then market order, long before short. A request with notional > 0 is rejected whole if
-    - its leverage breaks the collateral condition p0 δ ≤ η_max c (eq. 1), or
-    - it would lift what is lent above `max_utilisation` of the reserves: long tokens of the
-      market's asset, or (shorts of every market together) the numéraire.
-    Rejected requests (notional > 0) are counted. In smooth mode (`temperature` τ) each
-    check becomes a weight, sigmoid(headroom / (τ · scale)) with the cap or the leverage limit
-    as scale, and that fraction of the request is accepted (the rest counts as rejected).
+    then market order, long before short. Each is a crowd whose margin fractions are uniform
+    on m̄(1 ± w), m̄ = 1/leverage, w = `spread`.
+    - Collateral condition (eq. 1), p0 δ ≤ η_max c: members with m < 1/η_max are refused,
+      the fraction a_c = clip((m̄(1 + w) − 1/η_max)/(2 w m̄), 0, 1) passes.
+    - Solvency: what is lent may not exceed `max_utilisation` of the reserves (long tokens of
+      the market's asset; shorts of every market together, the numéraire). The request takes
+      what headroom is left, a fraction a_s of it, spread evenly over its members (a pool
+      filling up accepts part of the flow).
+    The refused fraction 1 − a_c a_s of each request with notional > 0 is counted.
     """
-    if temperature is not None:
-        return _accept_fraction(
-            requests, prices, reserves, book, max_leverage, max_utilisation, temperature
-        )
     r = prices.shape[0]
     long_res, short_res = reserved(book)
     cap_long = max_utilisation * reserves[:r]
     cap_short = max_utilisation * reserves[r]
-    size = jnp.zeros((r, 2), prices.dtype)
-    margin = jnp.zeros((r, 2), prices.dtype)
-    rejected = jnp.zeros((), prices.dtype)
-    long_used = long_res
-    short_used = short_res
-    for notional, lev in requests:
-        delta = notional / prices[:, None]
-        wants = notional > 0
-        collateral_ok = lev <= max_leverage
-        # Longs: markets use different assets, so they are independent of each other.
-        ok_long = wants[:, 0] & collateral_ok[:, 0] & (long_used + delta[:, 0] <= cap_long)
-        long_used = long_used + jnp.where(ok_long, delta[:, 0], 0.0)
-        # Shorts share the numéraire: check market by market, in order.
-        oks = []
-        for i in range(r):
-            ok = wants[i, 1] & collateral_ok[i, 1] & (short_used + notional[i, 1] <= cap_short)
-            short_used = short_used + jnp.where(ok, notional[i, 1], 0.0)
-            oks.append(ok)
-        ok_all = jnp.stack([ok_long, jnp.stack(oks)], axis=1)
-        safe_lev = jnp.where(lev > 0, lev, 1.0)
-        size = size + jnp.where(ok_all, delta, 0.0)
-        # Multiply by the reciprocal: XLA rewrites x / broadcast(scalar) that way for a batch
-        # of one pool but not for more, which would make results depend on the batch size.
-        margin = margin + jnp.where(ok_all, notional * (1.0 / safe_lev), 0.0)
-        rejected = rejected + jnp.sum(wants & ~ok_all).astype(prices.dtype)
-    return Acceptance(size, margin, rejected)
-
-
-def _accept_fraction(
-    requests, prices, reserves, book, max_leverage, max_utilisation, temperature
-) -> Acceptance:
-    r = prices.shape[0]
-    long_res, short_res = reserved(book)
-    cap_long = max_utilisation * reserves[:r]
-    cap_short = max_utilisation * reserves[r]
-    scale_long = jnp.where(cap_long > 0, cap_long, 1.0)
-    scale_short = jnp.where(cap_short > 0, cap_short, 1.0)
-    size = jnp.zeros((r, 2), prices.dtype)
-    margin = jnp.zeros((r, 2), prices.dtype)
-    rejected = jnp.zeros((), prices.dtype)
     long_used, short_used = long_res, short_res
+    floor = 1.0 / max_leverage
+    crowds = []
+    rejected = jnp.zeros((), prices.dtype)
     for notional, lev in requests:
-        delta = notional / prices[:, None]
-        wants = (notional > 0).astype(prices.dtype)
-        collateral = jax.nn.sigmoid((max_leverage - lev) / (temperature * max_leverage))
-        w_long = (
-            wants[:, 0]
-            * collateral[:, 0]
-            * jax.nn.sigmoid((cap_long - long_used - delta[:, 0]) / (temperature * scale_long))
+        wants = notional > 0
+        m_mid = 1.0 / _safe(lev, lev > 0)
+        hi = m_mid * (1.0 + spread)
+        width = 2.0 * spread * m_mid
+        collateral = jnp.where(
+            width > 0,
+            jnp.clip((hi - floor) / _safe(width, width > 0), 0.0, 1.0),
+            (m_mid >= floor).astype(prices.dtype),
         )
-        long_used = long_used + w_long * delta[:, 0]
-        ws = []
-        for i in range(r):
-            head = cap_short - short_used - notional[i, 1]
-            w = wants[i, 1] * collateral[i, 1] * jax.nn.sigmoid(head / (temperature * scale_short))
-            short_used = short_used + w * notional[i, 1]
-            ws.append(w)
-        w_all = jnp.stack([w_long, jnp.stack(ws)], axis=1)
-        # Sigmoid tails would open dust cohorts (1e-150 of a request) whose size, squared in
-        # the gradient, underflows: drop acceptances below one part in a million.
-        w_all = jnp.where(w_all < 1e-6, 0.0, w_all)
-        safe_lev = jnp.where(lev > 0, lev, 1.0)
-        size = size + w_all * jnp.maximum(delta, 0.0)
-        margin = margin + w_all * jnp.maximum(notional, 0.0) * (1.0 / safe_lev)
-        rejected = rejected + jnp.sum(wants - w_all)
-    return Acceptance(size, margin, rejected)
+        lo = jnp.maximum(m_mid * (1.0 - spread), floor)
+        kept = jnp.where(wants, notional, 0.0) * collateral
+        ask_long = kept[:, 0] / prices
+        head_long = jnp.maximum(cap_long - long_used, 0.0)
+        share_long = jnp.where(
+            ask_long > 0, jnp.clip(head_long / _safe(ask_long, ask_long > 0), 0.0, 1.0), 0.0
+        )
+        long_used = long_used + ask_long * share_long
+        shares = []
+        for i in range(r):  # shorts share the numéraire: market by market, in order
+            ask = kept[i, 1]
+            head = jnp.maximum(cap_short - short_used, 0.0)
+            share = jnp.where(ask > 0, jnp.clip(head / _safe(ask, ask > 0), 0.0, 1.0), 0.0)
+            short_used = short_used + ask * share
+            shares.append(share)
+        share = jnp.stack([share_long, jnp.stack(shares)], axis=1)
+        accepted = kept * share
+        fraction = collateral * share
+        rejected = rejected + fixed_sum(jnp.where(wants, 1.0 - fraction, 0.0))
+        crowds.append(
+            Crowd(
+                size=accepted / prices[:, None],
+                notional=accepted,
+                margin=accepted * 0.5 * (lo + hi),
+                spread=jnp.maximum(prices[:, None] * 0.5 * (hi - lo), 0.0),
+                count=jnp.where(wants, fraction, 0.0),
+            )
+        )
+    return Acceptance(crowds, rejected)
 
 
-def open_cohorts(
-    book: Book,
-    slot: Int[Array, "r 2"],
-    merge: Bool[Array, "r 2"],
-    size: Float[Array, "r 2"],
-    margin: Float[Array, "r 2"],
-    prices: Float[Array, " r"],
-    t: Int[Array, ""],
+def _candidates(book: Book, crowd: Crowd) -> tuple[Array, Array, Array]:
+    """Size, mean key and spread of the K buckets and the crowd (index K), `(r, 2, K + 1)`."""
+    size = jnp.concatenate([_open(book, book.size), crowd.size[..., None]], axis=-1)
+    notional = jnp.concatenate([_open(book, book.notional), crowd.notional[..., None]], -1)
+    margin = jnp.concatenate([_open(book, book.margin), crowd.margin[..., None]], -1)
+    key = (notional - SIGN[None, :, None] * margin) / _safe(size, size > 0)
+    spread = jnp.concatenate([_open(book, book.spread), crowd.spread[..., None]], -1)
+    return size, key, spread
+
+
+def add_crowd(
+    book: Book, crowd: Crowd, prices: Float[Array, " r"]
 ) -> tuple[Book, Float[Array, ""], Float[Array, ""]]:
-    """Write one new cohort per market and side at `slot` (where its notional is at least
-    `DUST_NOTIONAL`), merging
-    into the open cohort there when `merge` (see `next_slots`).
+    """Write one accepted crowd per market and side into the book (where its notional is at
+    least `DUST_NOTIONAL`).
 
-    **Returns:** the book, the number of cohorts written and the number of those merged.
+    It takes the first closed bucket. When all K are open, the cheapest pair among the K
+    buckets and the crowd merges, with cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² +
+    (a_i − a_j)²) (the size-weighted loss of detail in key and spread; the first minimum in
+    row-major (i, j) order, i < j): the crowd joins bucket i, or buckets i and j merge into
+    slot i and the crowd takes slot j. A merge adds δ, n, c and counts (so every trader's
+    PnL, what is reserved and the mean key stay exact) and keeps the pair's key variance:
+    v = (δ_i v_i + δ_j v_j)/δ + δ_i δ_j (q̄_i − q̄_j)²/δ², v_k = a_k²/3, a = √(3v).
+    **Returns:** the book, the number of crowds written and the number of merges.
     """
-    k = jnp.arange(book.size.shape[-1])
-    # Trades under DUST_NOTIONAL numéraire are not written: they change no figure that
-    # matters, and a cohort of, say, 1e-190 tokens (demand × exp(−elasticity·f·year) at a
-    # high fee) has a size whose square underflows in the gradient (0 · inf = NaN).
-    write = (k == slot[..., None]) & (size * prices[:, None] >= DUST_NOTIONAL)[..., None]
-    merging = write & merge[..., None] & book.is_open
-    old_size = jnp.where(merging, book.size, 0.0)
-    old_margin = jnp.where(merging, book.margin, 0.0)
-    new_size = old_size + size[..., None]
-    # A safe divisor where nothing is written: 1/0 there would be masked out of the value
-    # but turn the gradient into NaN (0 · inf).
-    safe_size = jnp.where(write, new_size, 1.0)
-    entry = (old_size * book.entry + size[..., None] * prices[:, None, None]) * (1.0 / safe_size)
-    new_margin = old_margin + margin[..., None]
-    lev = new_size * entry * (1.0 / jnp.where(write & (new_margin > 0), new_margin, 1.0))
-    book = Book(
-        size=jnp.where(write, new_size, book.size),
-        entry=jnp.where(write, entry, book.entry),
-        margin=jnp.where(write, new_margin, book.margin),
-        leverage=jnp.where(write, lev, book.leverage),
-        opened_at=jnp.where(write, t, book.opened_at),
-        is_open=book.is_open | write,
+    k = book.size.shape[-1]
+    write = crowd.notional >= DUST_NOTIONAL  # (r, 2)
+    free = ~book.is_open
+    any_free = jnp.any(free, axis=-1)
+    first_free = jnp.argmax(free, axis=-1)
+
+    size, key, spread = _candidates(book, crowd)
+    pair_sum = size[..., :, None] + size[..., None, :]
+    pair_weight = size[..., :, None] * size[..., None, :] / _safe(pair_sum, pair_sum > 0)
+    distance = (key[..., :, None] - key[..., None, :]) ** 2 + (
+        spread[..., :, None] - spread[..., None, :]
+    ) ** 2
+    idx = jnp.arange(k + 1)
+    upper = idx[:, None] < idx[None, :]
+    cost = jnp.where(upper, pair_weight * distance, jnp.inf)
+    flat = jnp.argmin(cost.reshape(*cost.shape[:-2], -1), axis=-1)
+    first, second = flat // (k + 1), flat % (k + 1)
+
+    def pick(x, slot):  # x (r, 2, K + 1) at slot (r, 2), exactly (one lane is not zeroed)
+        return jnp.sum(jnp.where(idx == slot[..., None], x, 0.0), axis=-1)
+
+    both = (idx == first[..., None]) | (idx == second[..., None])
+    notional = jnp.concatenate([_open(book, book.notional), crowd.notional[..., None]], -1)
+    margin = jnp.concatenate([_open(book, book.margin), crowd.margin[..., None]], -1)
+    count = jnp.concatenate([_open(book, book.count), crowd.count[..., None]], -1)
+    s_i, s_j = pick(size, first), pick(size, second)
+    q_i, q_j = pick(key, first), pick(key, second)
+    a_i, a_j = pick(spread, first), pick(spread, second)
+    total = s_i + s_j
+    safe_total = _safe(total, total > 0)
+    var = (s_i * a_i**2 + s_j * a_j**2) / (3.0 * safe_total) + s_i * s_j * (q_i - q_j) ** 2 / (
+        safe_total**2
     )
-    return book, jnp.sum(write).astype(prices.dtype), jnp.sum(merging).astype(prices.dtype)
+    merged = (
+        total,
+        jnp.sum(jnp.where(both, notional, 0.0), axis=-1),
+        jnp.sum(jnp.where(both, margin, 0.0), axis=-1),
+        jnp.sqrt(3.0 * _safe(var, var > 0)) * (var > 0),
+        jnp.sum(jnp.where(both, count, 0.0), axis=-1),
+    )
+    fresh = (crowd.size, crowd.notional, crowd.margin, crowd.spread, crowd.count)
+    slots = jnp.arange(k)
+    place_fresh = write & any_free
+    merging = write & ~any_free
+    at_free = place_fresh[..., None] & (slots == first_free[..., None])
+    at_merge = merging[..., None] & (slots == first[..., None])
+    # The crowd takes slot j when two buckets merged (j < K).
+    at_swap = merging[..., None] & (slots == second[..., None])
+    old = (book.size, book.notional, book.margin, book.spread, book.count)
+    new = []
+    for o, f, m in zip(old, fresh, merged, strict=True):
+        x = jnp.where(at_free | at_swap, f[..., None], o)
+        new.append(jnp.where(at_merge, m[..., None], x))
+    book = Book(*new, is_open=book.is_open | at_free)
+    return book, fixed_sum(write.astype(prices.dtype)), fixed_sum(merging.astype(prices.dtype))

@@ -47,6 +47,7 @@ _UNITS = {
     "market.mean_holding": "steps of {step}",
     "market.leverage": "×",
     "market.leverage_vol": "sd of log leverage",
+    "market.leverage_spread": "w, fraction of the mean margin",
     "market.max_leverage": "×",
     "market.fee_elasticity": "per unit of annualised fee",
     "market.momentum": "log demand per sd of last return",

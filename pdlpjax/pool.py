@@ -87,11 +87,12 @@ class Accounts(eqx.Module):
     exit_received: Float[Array, ""]
     exit_paid: Float[Array, ""]
     funding_paid: Float[Array, ""]
-    liquidations: Float[Array, ""]
-    exits: Float[Array, ""]
-    merged: Float[Array, ""]  # new trades merged into a full ring's newest cohort
-    opened: Float[Array, ""]
-    rejected: Float[Array, ""]
+    liquidations: Float[Array, ""]  # positions: crowd-equivalents liquidated
+    liquidated_notional: Float[Array, ""]  # value: Σ δ p of what was liquidated
+    exits: Float[Array, ""]  # crowd-equivalents that left
+    merged: Float[Array, ""]  # merges of a full book (`market.add_crowd`)
+    opened: Float[Array, ""]  # crowds written
+    rejected: Float[Array, ""]  # requests refused, counting a part-accepted one by its share
     utilisation_sum: Float[Array, ""]
     open_interest_sum: Float[Array, ""]
     value_sum: Float[Array, ""]
@@ -199,7 +200,9 @@ def account_metrics(
 
     **Returns:** `utilisation` and `open_interest` (time averages; open interest as a fraction
     of average AUM), `fee_income` (numéraire), `fee_apr` (fees / average AUM per year),
-    `liquidations`, `bad_debt` (fraction of initial value), `funding_paid` (numéraire),
+    `liquidations` (positions: crowd-equivalents), `liquidated_value` (their notional at the
+    liquidation prices, fraction of initial value), `bad_debt` (fraction of initial value),
+    `funding_paid` (numéraire),
     `rejected` and `opened` trades, `dilution` and `swap_loss` (fractions of initial value
     given to TWM and swap arbitrageurs), `creations`, `redemptions`, `identity_error` and
     `lp_identity_error` (largest relative violations of the two identities).
@@ -213,6 +216,7 @@ def account_metrics(
         "fee_income": acc.fees,
         "fee_apr": acc.fees / safe / years,
         "liquidations": acc.liquidations,
+        "liquidated_value": acc.liquidated_notional / initial_value,
         "bad_debt": acc.bad_debt / initial_value,
         "funding_paid": acc.funding_paid,
         "opened": acc.opened,

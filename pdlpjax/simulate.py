@@ -50,18 +50,16 @@ from .market import (
     Book,
     MarketParams,
     accept_trades,
+    add_crowd,
     charge_fees,
     empty_book,
     funding_arbitrage,
     funding_rate,
-    liquidation_mask,
-    liquidation_weight,
-    next_slots,
-    open_cohorts,
+    leave,
+    liquidate,
     open_interest,
     pay_funding,
     reserved,
-    settle,
     side_sizes,
     trader_demand,
     unrealised_pnl,
@@ -121,7 +119,7 @@ class SimSpec(eqx.Module):
     steps_per_year: float = eqx.field(static=True)
     worst_capacity: int = eqx.field(static=True)  # CVaR buffer (`metrics.worst_capacity`)
     mode: str = eqx.field(static=True, default="pdlp")  # "pdlp" | "passive"
-    num_cohorts: int = eqx.field(static=True, default=16)
+    num_cohorts: int = eqx.field(static=True, default=16)  # K, buckets per market and side
     rebalance: bool = eqx.field(static=True, default=False)
     record_every: int = eqx.field(static=True, default=0)
     antithetic: bool = eqx.field(static=True, default=False)
@@ -139,13 +137,6 @@ class SimSpec(eqx.Module):
     damping_rule: str = eqx.field(static=True, default="fixed")  # `config.DAMPING_RULES`
     coupling: str = eqx.field(static=True, default="canonical")  # ρ̂ for γ*
     stream: int = eqx.field(static=True, default=0)  # block b of [[pools]]: its own trader draws
-    smooth: bool = eqx.field(static=True, default=False)  # relax discrete events (calibration)
-    temperature: float = eqx.field(static=True, default=0.05)  # of the smooth relaxations
-
-    @property
-    def tau(self) -> float | None:
-        """The relaxations' temperature in smooth mode, None in exact mode."""
-        return self.temperature if self.smooth else None
 
     @property
     def hedge_plan(self) -> HedgePlan:
@@ -180,10 +171,9 @@ class SimState(eqx.Module):
 
 
 class StepNoise(eqx.Module):
-    """One step's draws: the path model's, then the market's (shapes r = risky, K cohorts)."""
+    """One step's draws: the path model's, then the market's (shapes r = risky markets)."""
 
     path: Any
-    u_exit: Float[Array, "r 2 k"]  # exits: a cohort leaves when u < 1 / mean_holding
     z_demand: Float[Array, "r 2"]  # noise traders' log demand
     z_leverage: Float[Array, "r 2"]  # log leverage of new trades
     z_flow: Float[Array, ""]  # LP flow
@@ -273,20 +263,20 @@ def step(
     """Advance one pool by one step with the given draws, in the paper's order (§2.2, App. A).
 
     1. Oracle: prices move by the path model's log returns (numéraire fixed at 1).
-    2. Liquidations: cohorts with sign(η) δ (p0 − p) ≥ c close; the pool takes their margin
-       and absorbs any loss beyond it as bad debt.
+    2. Liquidations: the members of each bucket whose liquidation prices the new prices
+       reached (sign(η) δ (p0 − p) ≥ c) close; the pool takes their margin and absorbs any
+       loss beyond it as bad debt (`market.liquidate`).
     3. Funding at γ_L = κ (L/S − p_{t+1}/p_t) (eq. 2), between longs and shorts.
     4. Lending fee f on borrowed value, from margins to the pool.
     5. LP updates: target-weight arbitrage (creation eq. 7 or redemption eq. 10 priced by the
        discount F, `twm.py`), exogenous deposits and withdrawals at the share price, and
        stale-oracle swap arbitrage (§2.3.2).
-    6. Trades: random exits settle against the pool; new demand and the funding-rate
-       arbitrageur (eq. 3, 4) open positions that pass the collateral condition (eq. 1) and
-       the solvency requirement (a full cohort ring merges the new trade into its newest
-       cohort).
-    With `spec.smooth`, liquidations, trade acceptance, the funding arbitrageur's decision and
-    the funding cap are relaxed with temperature `spec.temperature` (see `market`), so
-    pathwise gradients see them; the target-weight and swap arbitrage gates stay exact.
+    6. Trades: the fraction 1/mean_holding of the book exits and settles against the pool;
+       new demand and the funding-rate arbitrageur (eq. 3, 4) open crowds, of which the
+       part that passes the collateral condition (eq. 1) and fits under the solvency
+       requirement is accepted (`market.accept_trades`, `market.add_crowd`).
+    Every event is continuous in the prices and the dynamic params, so the pathwise gradient
+    is that of this model (the target-weight and swap arbitrage gates are the exceptions).
     In `passive` mode only step 1 runs, with reserves optionally reset to the target weights.
     With `spec.hedge`, the hedged LP then updates (`hedge.hedge_step`). The accounting
     identity (`Accounts.identity_error`) and the LP wealth identity (`lp_identity`, with
@@ -312,7 +302,7 @@ def step(
     reserves = pool.reserves
     zero = jnp.zeros((), p_new.dtype)
     fees = bad_debt = flow = zero
-    liq_margin = liq_count = funding = exit_received = exit_paid = zero
+    liq_margin = liq_count = liq_notional = funding = exit_received = exit_paid = zero
     n_exits = n_merged = n_open = n_rejected = zero
     twm_flow = dilution = swap_pnl = n_create = n_redeem = n_swaps = zero
     late_bad_debt = zero  # bad debt of exits, after the step's supply changes
@@ -327,17 +317,13 @@ def step(
     else:
         pr, pr_old = p_new[:r], p_old[:r]
         mp, pp = params.market, params.pool
-        # 2. Liquidations.
-        if spec.smooth:
-            liq = settle(book, liquidation_weight(book, pr, spec.temperature), pr)
-        else:
-            liq = settle(book, liquidation_mask(book, pr), pr)
+        # 2. Liquidations: the members whose keys the new prices reached.
+        liq = liquidate(book, pr)
         book, reserves = liq.book, reserves + liq.reserve_change
         liq_margin, liq_count, bad_debt = liq.received, liq.count, liq.bad_debt
+        liq_notional = liq.notional
         # 3. Funding on the positions of the previous period.
-        gamma = funding_rate(
-            side_sizes(book), pr, pr_old, mp.funding_kappa, mp.funding_cap, spec.smooth
-        )
+        gamma = funding_rate(side_sizes(book), pr, pr_old, mp.funding_kappa, mp.funding_cap)
         book, funding = pay_funding(book, gamma, pr)
         # 4. Lending fees.
         book, fees = charge_fees(book, pr, pp.fee)
@@ -364,9 +350,8 @@ def step(
         if spec.swap_arbitrage:
             change, swap_pnl, n_swaps = swap_arbitrage(pool, p_old, _available(pool, book, r), pp)
             pool = PoolState(p_new, pool.reserves + change, pool.supply)
-        # 6. Trades: exits first (they free capacity), then new positions.
-        leaving = book.is_open & (noise.u_exit * mp.mean_holding < 1.0)
-        ex = settle(book, leaving, pr)
+        # 6. Trades: exits first (they free capacity), then new crowds.
+        ex = leave(book, jnp.clip(1.0 / mp.mean_holding, 0.0, 1.0), pr)
         book = ex.book
         pool = PoolState(p_new, pool.reserves + ex.reserve_change, pool.supply)
         late_bad_debt = ex.bad_debt
@@ -384,7 +369,7 @@ def step(
             noise.z_demand,
             noise.z_leverage,
         )
-        arb = funding_arbitrage(side_sizes(book), gamma, pr, pr_old, pp.fee, spec.tau)
+        arb = funding_arbitrage(side_sizes(book), gamma, pr, pr_old, pp.fee)
         arb_notional = jnp.where(mp.arb_leverage > 0, arb * pr[:, None], 0.0)
         arb_lev = jnp.broadcast_to(mp.arb_leverage, arb.shape)
         ok = accept_trades(
@@ -394,10 +379,11 @@ def step(
             book,
             mp.max_leverage,
             pp.max_utilisation,
-            spec.tau,
+            mp.leverage_spread,
         )
-        slot, merge = next_slots(book)
-        book, n_open, n_merged = open_cohorts(book, slot, merge, ok.size, ok.margin, pr, state.t)
+        for crowd in ok.crowds:
+            book, written, merges = add_crowd(book, crowd, pr)
+            n_open, n_merged = n_open + written, n_merged + merges
         n_rejected = ok.rejected
 
     aum_after = aum(pool, book, r)
@@ -481,6 +467,7 @@ def step(
         exit_paid=acc.exit_paid + exit_paid,
         funding_paid=acc.funding_paid + funding,
         liquidations=acc.liquidations + liq_count,
+        liquidated_notional=acc.liquidated_notional + liq_notional,
         exits=acc.exits + n_exits,
         merged=acc.merged + n_merged,
         opened=acc.opened + n_open,
@@ -606,14 +593,14 @@ def draw_noise(
 ) -> StepNoise:
     """Step t's draws of one pool: a pure function of (pool key, t)."""
     k = jr.fold_in(key, t)
-    k_path, k_exit, k_demand, k_lev, k_flow = jr.split(k, 5)
+    # Five keys, as when exits were drawn: the other streams kept their draws.
+    k_path, _, k_demand, k_lev, k_flow = jr.split(k, 5)
     if spec.stream:  # pools of one market share the price draws, not the traders'
-        k_exit, k_demand, k_lev, k_flow = jr.split(jr.fold_in(k, spec.stream), 4)
+        _, k_demand, k_lev, k_flow = jr.split(jr.fold_in(k, spec.stream), 4)
     dtype = model.dtype
     shape = (spec.num_risky, 2)
     return StepNoise(
         path=model.noise(k_path),
-        u_exit=jr.uniform(k_exit, (*shape, spec.num_cohorts), dtype),
         z_demand=jr.normal(k_demand, shape, dtype),
         z_leverage=jr.normal(k_lev, shape, dtype),
         z_flow=jr.normal(k_flow, (), dtype),

@@ -21,9 +21,10 @@ module computes that view from the book a config's own simulation ends with:
      value pᵀR at the shocked prices (`pool.pool_value`): GMX's PnL-to-pool-value factor,
      here for the whole book against the whole pool. Positive: traders win, the pool owes.
      It is marked before liquidations, every open cohort at the shocked price;
-   - `liquidated_count`: cohorts meeting the liquidation condition (`market.liquidation_mask`);
+   - `liquidated_count`: crowd-equivalents liquidated (`market.liquidate`: the members whose
+     liquidation prices the shock reaches);
    - `liquidated_value`: their notional δ·p at the shocked prices ÷ pool value;
-   - `bad_debt`: the losses past their margins (`market.settle`) ÷ pool value;
+   - `bad_debt`: the losses past their margins (`market.liquidate`) ÷ pool value;
    - `adl`: `pnl_ratio` above a threshold. The engine has no auto-deleveraging: this is a
      threshold test on the ratio, not an ADL simulation.
    and per skew (prices do not change what a book reserves) whether the rescaled book
@@ -53,7 +54,7 @@ from jaxtyping import Array, Bool, Float
 
 from . import _io, sanity
 from .config import Config, ConfigError, config_hash, config_to_dict
-from .market import Book, liquidation_mask, reserved, settle, side_sizes, unrealised_pnl
+from .market import Book, liquidate, reserved, side_sizes, unrealised_pnl
 from .pool import pool_value
 
 __all__ = [
@@ -113,7 +114,9 @@ def skew_book(book: Book, skew: Float[Array, ""]) -> tuple[Book, Bool[Array, " r
     a_short = jnp.where(use, 0.5 * (1 - k) * total / jnp.where(use, short_size, 1.0), 1.0)
     factor = jnp.stack([a_long, a_short], axis=1)[:, :, None]
     out = eqx.tree_at(
-        lambda b: (b.size, b.margin), book, (book.size * factor, book.margin * factor)
+        lambda b: (b.size, b.notional, b.margin, b.count),
+        book,
+        (book.size * factor, book.notional * factor, book.margin * factor, book.count * factor),
     )
     return out, skewable
 
@@ -130,9 +133,8 @@ def _cell(prices, reserves, book: Book, shock, skew, asset: int | None):
     value = pool_value(shocked, reserves)
     book, _ = skew_book(book, skew)
     ratio = unrealised_pnl(book, risky) / value
-    mask = liquidation_mask(book, risky)
-    done = settle(book, mask, risky)
-    liq_value = jnp.sum(jnp.where(mask, book.size * risky[:, None, None], 0.0))
+    done = liquidate(book, risky)
+    liq_value = done.notional
     long_tokens, short_value = reserved(book)
     lent = jnp.concatenate([long_tokens, short_value[None]]) if prices.shape[0] > r else long_tokens
     over = jnp.any(lent > reserves[: lent.shape[0]])
@@ -222,7 +224,7 @@ def _check_config(cfg: Config, asset: str | None) -> int | None:
 def _start_summary(state, valid: np.ndarray) -> dict:
     """The starting book: skew, utilisation, open interest and PnL ratio (means over pools)."""
     size = np.asarray(state.book.size, float)[valid]
-    entry = np.asarray(state.book.entry, float)[valid]
+    entry_value = np.asarray(state.book.notional, float)[valid]
     is_open = np.asarray(state.book.is_open)[valid]
     prices = np.asarray(state.pool.prices, float)[valid]
     reserves = np.asarray(state.pool.reserves, float)[valid]
@@ -235,8 +237,9 @@ def _start_summary(state, valid: np.ndarray) -> dict:
         notional = sides * p[..., None]
         book_skew = (notional[..., 0].sum(-1) - notional[..., 1].sum(-1)) / notional.sum((1, 2))
     value = np.sum(prices * reserves, axis=-1)
-    lent = (sides[..., 0] * p).sum(-1) + np.where(is_open, size * entry, 0.0)[:, :, 1].sum((1, 2))
-    pnl = np.where(is_open, np.array([1.0, -1.0])[:, None] * size * (p[..., None, None] - entry), 0)
+    lent = (sides[..., 0] * p).sum(-1) + np.where(is_open, entry_value, 0.0)[:, :, 1].sum((1, 2))
+    sign = np.array([1.0, -1.0])[:, None]
+    pnl = np.where(is_open, sign * (size * p[..., None, None] - entry_value), 0)
     unskewable = int(np.sum((sides[..., 0] <= 0) | (sides[..., 1] <= 0)))
 
     def mean(x):
