@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float
 
 from ._numerics import fixed_sum
@@ -405,6 +406,18 @@ class Acceptance(eqx.Module):
     rejected: Float[Array, ""]  # Σ over requests with notional > 0 of the fraction refused
 
 
+def _fill(ask: Array, headroom: Array) -> Array:
+    """The fraction of `ask` that fits in `headroom`: min(headroom/ask, 1), 0 when full.
+
+    The ratio is formed only where the ask exceeds a positive headroom: elsewhere a tiny ask
+    (demand at a prohibitive fee) would square to 0 in the gradient (0 · inf = NaN).
+    """
+    partial = (headroom > 0) & (ask > headroom)
+    return jnp.where(
+        partial, headroom / _safe(ask, partial), jnp.where(ask > headroom, 0.0, 1.0)
+    ) * (ask > 0)
+
+
 def accept_trades(
     requests: list[tuple[Float[Array, "r 2"], Float[Array, "r 2"]]],
     prices: Float[Array, " r"],
@@ -448,16 +461,12 @@ def accept_trades(
         lo = jnp.maximum(m_mid * (1.0 - spread), floor)
         kept = jnp.where(wants, notional, 0.0) * collateral
         ask_long = kept[:, 0] / prices
-        head_long = jnp.maximum(cap_long - long_used, 0.0)
-        share_long = jnp.where(
-            ask_long > 0, jnp.clip(head_long / _safe(ask_long, ask_long > 0), 0.0, 1.0), 0.0
-        )
+        share_long = _fill(ask_long, cap_long - long_used)
         long_used = long_used + ask_long * share_long
         shares = []
         for i in range(r):  # shorts share the numéraire: market by market, in order
             ask = kept[i, 1]
-            head = jnp.maximum(cap_short - short_used, 0.0)
-            share = jnp.where(ask > 0, jnp.clip(head / _safe(ask, ask > 0), 0.0, 1.0), 0.0)
+            share = _fill(ask, cap_short - short_used)
             short_used = short_used + ask * share
             shares.append(share)
         share = jnp.stack([share_long, jnp.stack(shares)], axis=1)
@@ -503,6 +512,9 @@ def add_crowd(
     """
     k = book.size.shape[-1]
     write = crowd.notional >= DUST_NOTIONAL  # (r, 2)
+    # A dust crowd is dropped before any arithmetic: its size, squared in the gradient of
+    # its key, would underflow (0 · inf = NaN) even where its lanes are masked out.
+    crowd = jtu.tree_map(lambda x: jnp.where(write, x, 0.0), crowd)
     free = ~book.is_open
     any_free = jnp.any(free, axis=-1)
     first_free = jnp.argmax(free, axis=-1)

@@ -101,7 +101,9 @@ def test_pool_view_agrees_with_a_cash_basis_from_the_final_book():
     r = prices.shape[1] - 1
     u_end = np.sum(
         np.where(
-            st.book.is_open, sign * st.book.size * (prices[:, :r, None, None] - st.book.entry), 0
+            st.book.is_open,
+            sign * (st.book.size * prices[:, :r, None, None] - st.book.notional),
+            0,
         ),
         axis=(1, 2, 3),
     )
