@@ -1,34 +1,56 @@
-"""The pdlpjax step vectorised over pools with plain NumPy (float64): the throughput baseline.
+"""The pdlpjax step vectorised over pools with plain NumPy (float64): the throughput baseline
+and, with `per_trade=True`, the per-trade reference of the position book.
 
 What it covers: exactly the features of the per-pool reference `tests/reference.py`, i.e.
 - price paths: correlated GBM, Merton jumps with a common crash factor, GARCH(1,1);
-- `pool.mode = "pdlp"` (oracle, liquidations with bad debt, funding between the sides with
-  the eq. 2 rate, lending fees, LP deposits and withdrawals, random exits, trader demand,
-  the funding-rate arbitrageur, the collateral and solvency checks, cohort rings that merge
-  when full) and `"passive"` (with optional rebalancing);
-- the accounting totals of `ref.ACCOUNT_FIELDS` and the identity check.
+- `pool.mode = "pdlp"` with the crowd-bucket book of `/work/checks/book_spec.md` (oracle,
+  liquidations of the members past their liquidation price with bad debt, funding between the
+  sides at the eq. 2 rate, lending fees, LP deposits and withdrawals, deterministic
+  fractional exits, trader demand, the profit-maximising funding-rate arbitrageur, the
+  collateral-fraction and capacity-sharing acceptance, and K buckets per market and side that
+  merge their cheapest pair when full) and `"passive"` (with optional rebalancing);
+- the accounting totals of `ACCOUNT_FIELDS` and the identity check.
 Not covered (as in the reference): target-weight arbitrage (`pool.discount` must be "none"),
 swap arbitrage, the delta hedge, the bootstrap path model, antithetic draws, the online
 return statistics (`SimState.stats`) and the numerical guard codes. So it does a little less
 work per step than the JAX step; the throughput ratios it gives are, if anything, in the
 baseline's favour.
 
-Every array has a leading pool axis P: books are `(P, r, 2, K)` (market, side, cohort),
+The book (spec §Buckets). A request on (market, side) is a *crowd* of traders entering at
+the step's price p, their margin fractions m uniform on [m̄(1 − w), m̄(1 + w)] (m̄ = 1 /
+leverage, w = `leverage_spread`), so their liquidation prices ("keys", long p(1 − m), short
+p(1 + m)) are uniform. A bucket holds size δ (tokens), entry notional n = Σ δ p0, margin c,
+the half-width a of its members' keys (taken as uniform on [q̄ − a, q̄ + a], mean key
+q̄ = (n ∓ c)/δ), a count (crowd-equivalents) and an open flag. Liquidations close the
+fraction of members whose key the price crossed; funding and fees are charged per unit of
+size, uncapped; a fixed fraction 1/mean_holding of every bucket exits each step.
+- merge mode (default): K slots per (market, side). A crowd takes the first closed slot;
+  with all K open, the pair of the K buckets and the crowd with the least
+  cost(i, j) = δ_i δ_j / (δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²) merges (moments kept).
+- `per_trade=True` (`run(..., per_trade=True)`, or `NpSpec.per_trade`): the book never
+  merges. It grows (by `GROW` slots) whenever a crowd finds no closed slot, so every accepted
+  crowd keeps its own bucket: the per-trade reference the merge mode is measured against
+  (`benchmarks/fidelity.py`). Within a crowd the uniform-key assumption is exact: partial
+  liquidation leaves a uniform sub-interval, and exits, funding and fees act on every member
+  alike.
+
+Every array has a leading pool axis P: books are `(P, r, 2, K)` (market, side, bucket),
 prices and reserves `(P, n)` with the numéraire last. There is no per-pool Python loop; the
-only Python loops run over the small static axes where the order of checks matters (the
-solvency check of shorts, which share the numéraire, goes market by market, as in
-`pdlpjax.market.accept_trades`).
+only Python loops run over the small static axes where the order matters (the solvency check
+of shorts, which share the numéraire, goes market by market; the demand crowd is added to the
+book before the arbitrageur's).
 
 It consumes the same injected draws as the JAX step: a batched `pdlpjax.StepNoise` (leaves
 with a leading pool axis) converted by `noise_from_pdlpjax`. A test
-(`tests/test_numpy_vectorised.py`) checks it against the JAX step on the same draws to 1e-9,
-so the baseline is the same model, not a simplified one.
+(`tests/test_numpy_vectorised.py`) checks the merge mode against the JAX step on the same
+draws to 1e-9, so the baseline is the same model, not a simplified one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +59,9 @@ import numpy as np
 __all__ = [
     "SIGN",
     "ACCOUNT_FIELDS",
+    "BOOK_FIELDS",
+    "DUST_NOTIONAL",
+    "CLOSE_TOLERANCE",
     "NpSpec",
     "NpParams",
     "NpBook",
@@ -47,12 +72,23 @@ __all__ = [
     "noise_from_pdlpjax",
     "init_state",
     "step",
+    "run",
     "aum",
+    "mean_key",
+    "liquidate",
+    "merge_buckets",
     "state_nbytes",
 ]
 
 # sign(η): +1 for longs, −1 for shorts; shape (2, 1) broadcasts against (..., 2, K).
 SIGN = np.array([1.0, -1.0])[:, None]
+
+# Crowds whose accepted notional is below this (numéraire) are not written to the book.
+DUST_NOTIONAL = 1e-12
+# A liquidation that would leave less than this fraction of a bucket closes all of it.
+CLOSE_TOLERANCE = 1e-6
+# Slots the per-trade book adds when a crowd finds none closed.
+GROW = 32
 
 # The running totals kept per pool (the same names as `pdlpjax.Accounts` and the reference).
 ACCOUNT_FIELDS = (
@@ -62,6 +98,7 @@ ACCOUNT_FIELDS = (
     "bad_debt",
     "lp_flows",
     "liquidated_margin",
+    "liquidated_notional",
     "exit_received",
     "exit_paid",
     "funding_paid",
@@ -77,10 +114,16 @@ ACCOUNT_FIELDS = (
     "identity_error_step",
 )
 
+# The float fields of a bucket (`pdlpjax.market.Book` has these and `is_open`).
+BOOK_FIELDS = ("size", "notional", "margin", "spread", "count")
+
 
 @dataclass(frozen=True)
 class NpSpec:
-    """Static settings (mirrors `pdlpjax.SimSpec` plus the path model's name)."""
+    """Static settings (mirrors `pdlpjax.SimSpec` plus the path model's name).
+
+    `num_cohorts` is K, the slots per market and side (the initial capacity when
+    `per_trade`, which never merges and grows the book instead)."""
 
     num_risky: int
     num_cohorts: int
@@ -88,6 +131,7 @@ class NpSpec:
     path_model: str = "gbm"  # gbm | jump | garch
     mode: str = "pdlp"  # pdlp | passive
     rebalance: bool = False
+    per_trade: bool = False
 
     @property
     def dt(self) -> float:
@@ -111,6 +155,7 @@ class NpParams:
     mean_holding: np.ndarray
     leverage: np.ndarray
     leverage_vol: np.ndarray
+    leverage_spread: np.ndarray
     max_leverage: np.ndarray
     fee_elasticity: np.ndarray
     momentum: np.ndarray
@@ -138,14 +183,16 @@ class NpParams:
 
 @dataclass
 class NpBook:
-    """All pools' positions, each field `(P, r, 2, K)` (as `pdlpjax.market.Book`)."""
+    """All pools' buckets, each field `(P, r, 2, K)` (as `pdlpjax.market.Book`).
 
-    size: np.ndarray
-    entry: np.ndarray
-    margin: np.ndarray
-    leverage: np.ndarray
-    opened_at: np.ndarray
-    is_open: np.ndarray
+    Closed slots hold zeros in every float field."""
+
+    size: np.ndarray  # δ, tokens
+    notional: np.ndarray  # n = Σ δ p0, numéraire
+    margin: np.ndarray  # c, numéraire (may go slightly negative: charges are not capped)
+    spread: np.ndarray  # a, half-width of the members' liquidation prices
+    count: np.ndarray  # crowd-equivalents
+    is_open: np.ndarray  # bool
 
 
 @dataclass
@@ -157,7 +204,6 @@ class NpNoise:
     """
 
     path: Any
-    u_exit: np.ndarray  # (P, r, 2, K)
     z_demand: np.ndarray  # (P, r, 2)
     z_leverage: np.ndarray  # (P, r, 2)
     z_flow: np.ndarray  # (P,)
@@ -179,7 +225,7 @@ class NpState:
 # --------------------------------------------------------------------------- conversions
 
 
-def spec_from_pdlpjax(spec: Any, path_model: str) -> NpSpec:
+def spec_from_pdlpjax(spec: Any, path_model: str, per_trade: bool = False) -> NpSpec:
     """The NumPy spec of a `pdlpjax.SimSpec` (refuses features this baseline lacks)."""
     if spec.discount != "none" or spec.swap_arbitrage or getattr(spec, "hedge", False):
         raise ValueError("numpy_vectorised covers no TWM discount, swap arbitrage or hedge")
@@ -192,6 +238,7 @@ def spec_from_pdlpjax(spec: Any, path_model: str) -> NpSpec:
         path_model=path_model,
         mode=spec.mode,
         rebalance=spec.rebalance,
+        per_trade=per_trade,
     )
 
 
@@ -221,11 +268,15 @@ def noise_from_pdlpjax(noise: Any) -> NpNoise:
         path = get(path)
     return NpNoise(
         path=path,
-        u_exit=get(noise.u_exit),
         z_demand=get(noise.z_demand),
         z_leverage=get(noise.z_leverage),
         z_flow=get(noise.z_flow),
     )
+
+
+def _empty_book(shape: tuple[int, ...]) -> NpBook:
+    z = np.zeros(shape)
+    return NpBook(z, z, z, z, z, np.zeros(shape, bool))
 
 
 def init_state(spec: NpSpec, prm: NpParams) -> NpState:
@@ -233,16 +284,7 @@ def init_state(spec: NpSpec, prm: NpParams) -> NpState:
     num_pools = prm.initial_value.shape[0]
     prices = np.concatenate([prm.initial_prices, np.ones((num_pools, 1))], axis=1)
     reserves = prm.target_weights * prm.initial_value[:, None] / prices
-    shape = (num_pools, spec.num_risky, 2, spec.num_cohorts)
-    zero = np.zeros(shape)
-    book = NpBook(
-        size=zero,
-        entry=zero,
-        margin=zero,
-        leverage=zero,
-        opened_at=np.zeros(shape, np.int64),
-        is_open=np.zeros(shape, bool),
-    )
+    book = _empty_book((num_pools, spec.num_risky, 2, spec.num_cohorts))
     garch_h = prm.vols**2 * spec.dt if spec.path_model == "garch" else None
     return NpState(
         t=np.zeros(num_pools, np.int64),
@@ -264,7 +306,7 @@ def state_nbytes(st: NpState) -> int:
     return int(sum(a.nbytes for a in arrays))
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- the book
 
 
 def _b(x: np.ndarray) -> np.ndarray:
@@ -272,13 +314,19 @@ def _b(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape + (1,) * (4 - x.ndim)) if x.ndim == 2 else x[:, None, None, None]
 
 
-def _open(book: NpBook, x: np.ndarray) -> np.ndarray:
-    return np.where(book.is_open, x, 0.0)
+def _safe(x: np.ndarray) -> np.ndarray:
+    """x where it is not 0, else 1 (a divisor for masked-out entries)."""
+    return np.where(x != 0, x, 1.0)
+
+
+def mean_key(size, notional, margin, sign=SIGN) -> np.ndarray:
+    """Mean liquidation price q̄ of a bucket: long (n − c)/δ, short (n + c)/δ (0 if δ = 0)."""
+    return (notional - sign * margin) / _safe(size)
 
 
 def _pnl(book: NpBook, pr: np.ndarray) -> np.ndarray:
-    """Each cohort's unrealised PnL sign(η) δ (p − p0), zero where closed."""
-    return _open(book, SIGN * book.size * (_b(pr) - book.entry))
+    """Each bucket's unrealised PnL π = sign (δ p − n) (zero where closed: fields are 0)."""
+    return SIGN * (book.size * _b(pr) - book.notional)
 
 
 def _unrealised(book: NpBook, pr: np.ndarray) -> np.ndarray:
@@ -286,9 +334,8 @@ def _unrealised(book: NpBook, pr: np.ndarray) -> np.ndarray:
 
 
 def _reserved(book: NpBook) -> tuple[np.ndarray, np.ndarray]:
-    """Long tokens per market `(P, r)`, short numéraire `(P,)`."""
-    open_size = _open(book, book.size)
-    return open_size[:, :, 0].sum(-1), (open_size[:, :, 1] * book.entry[:, :, 1]).sum((1, 2))
+    """Long tokens per market `(P, r)` (Σ δ), short numéraire `(P,)` (Σ n)."""
+    return book.size[:, :, 0].sum(-1), book.notional[:, :, 1].sum((1, 2))
 
 
 def _available(reserves: np.ndarray, book: NpBook) -> np.ndarray:
@@ -302,28 +349,132 @@ def aum(st: NpState, num_risky: int) -> np.ndarray:
     return value - _unrealised(st.book, st.prices[:, :num_risky])
 
 
-def _side_sizes(book: NpBook) -> np.ndarray:
-    return _open(book, book.size).sum(-1)  # (P, r, 2)
+def _settle(dx: np.ndarray, nx: np.ndarray, cx: np.ndarray, pr: np.ndarray) -> dict:
+    """Settle closing chunks (δ_x, n_x, c_x) `(P, r, 2, K)` at prices `pr` (zeros: nothing).
 
-
-def _settle(book: NpBook, mask: np.ndarray, pr: np.ndarray) -> tuple[NpBook, dict]:
-    """Close the cohorts in `mask` at prices `pr` (see `pdlpjax.market.settle`)."""
-    p = np.where(mask, SIGN * book.size * (_b(pr) - book.entry), 0.0)
-    margin = np.where(mask, book.margin, 0.0)
-    gain = np.maximum(p, 0.0)
-    taken = np.minimum(np.maximum(-p, 0.0), margin)
-    bad = np.maximum(-p - margin, 0.0)
-    short_paid = gain[:, :, 1].sum((1, 2))
+    π = sign (δ_x p − n_x); the pool pays gain = max(π, 0) (a long in tokens, gain/p of them;
+    a short in numéraire), takes c − max(π + c, 0) + gain from the margin, and absorbs
+    bad = max(−(π + c), 0)."""
+    pi = SIGN * (dx * _b(pr) - nx)
+    gain = np.maximum(pi, 0.0)
+    equity = pi + cx
+    taken = cx - np.maximum(equity, 0.0) + gain
+    bad = np.maximum(-equity, 0.0)
     received = taken.sum((1, 2, 3))
+    short_paid = gain[:, :, 1].sum((1, 2))
     change = np.concatenate([-gain[:, :, 0].sum(-1) / pr, (received - short_paid)[:, None]], axis=1)
-    out = {
+    return {
         "reserve_change": change,
         "received": received,
         "paid": gain.sum((1, 2, 3)),
         "bad_debt": bad.sum((1, 2, 3)),
-        "count": mask.sum((1, 2, 3)).astype(np.float64),
     }
-    return dataclasses.replace(book, is_open=book.is_open & ~mask), out
+
+
+def liquidate(
+    size, notional, margin, spread, is_open, x, sign=SIGN
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The liquidated fraction φ of each bucket at price `x` (broadcast against the book) and
+    the liquidated chunk (δ_L, n_L, c_L) (spec §Step order 1).
+
+    Members' keys are uniform on [q̄ − a, q̄ + a]; a long member is liquidated when x ≤ its
+    key, a short when x ≥ it: long φ = clip((q̄ + a − x) / 2a, 0, 1), short φ = clip((x − q̄ + a)
+    / 2a, 0, 1) (a = 0: all or nothing). φ > 1 − 1e-6 closes the bucket (φ = 1). The chunk's
+    margin is what its members hold: long n_L − δ_L μ, short δ_L μ − n_L, with μ the mean key
+    of the liquidated members."""
+    q = mean_key(size, notional, margin, sign)
+    a = spread
+    wide = a > 0
+    two_a = np.where(wide, 2.0 * a, 1.0)
+    is_long = sign > 0
+    frac = np.where(is_long, q + a - x, x - q + a) / two_a
+    edge = np.where(is_long, q >= x, q <= x).astype(np.float64)
+    phi = np.where(wide, np.clip(frac, 0.0, 1.0), edge)
+    phi = np.where(is_open, phi, 0.0)
+    phi = np.where(is_open & (1.0 - phi < CLOSE_TOLERANCE), 1.0, phi)
+    mu = np.where(
+        is_long, (np.maximum(x, q - a) + q + a) / 2.0, (q - a + np.minimum(x, q + a)) / 2.0
+    )
+    d_l = phi * size
+    n_l = phi * notional
+    c_l = np.where(is_long, n_l - d_l * mu, d_l * mu - n_l)
+    return phi, d_l, n_l, c_l
+
+
+def merge_buckets(b1: dict, b2: dict, sign) -> dict:
+    """Merge two buckets (dicts of `BOOK_FIELDS`): δ, n, c and count add; the keys' mean is
+    the size-weighted mean and their variance (a²/3 for a uniform) the mixture's variance,
+    a = √(3 v)."""
+    d1, d2 = b1["size"], b2["size"]
+    d = d1 + d2
+    q1 = mean_key(d1, b1["notional"], b1["margin"], sign)
+    q2 = mean_key(d2, b2["notional"], b2["margin"], sign)
+    sd = _safe(d)
+    v1, v2 = b1["spread"] ** 2 / 3.0, b2["spread"] ** 2 / 3.0
+    v = (d1 * v1 + d2 * v2) / sd + d1 * d2 * (q1 - q2) ** 2 / (sd * sd)
+    return {
+        "size": d,
+        "notional": b1["notional"] + b2["notional"],
+        "margin": b1["margin"] + b2["margin"],
+        "spread": np.sqrt(3.0 * v),
+        "count": b1["count"] + b2["count"],
+    }
+
+
+def _grow(book: NpBook, extra: int) -> NpBook:
+    """The book with `extra` closed slots appended to every row (per-trade mode)."""
+    pad = [(0, 0)] * 3 + [(0, extra)]
+    return NpBook(*(np.pad(getattr(book, f.name), pad) for f in dataclasses.fields(NpBook)))
+
+
+def _insert(
+    book: NpBook, crowd: dict, write: np.ndarray, per_trade: bool
+) -> tuple[NpBook, np.ndarray]:
+    """Add one crowd per (pool, market, side) where `write` (spec §Step order 6).
+
+    The crowd takes the first closed slot. With all K slots open, the cheapest pair among the
+    K buckets and the crowd (index K) merges: cost(i, j) = δ_i δ_j / (δ_i + δ_j) ·
+    ((q̄_i − q̄_j)² + (a_i − a_j)²), i < j, the first minimum in row-major order of (i, j);
+    j = K merges the crowd into bucket i, else i and j merge into slot i and the crowd takes
+    slot j. `per_trade`: never merge; grow the book instead.
+    **Returns:** the book and the merges per pool."""
+    closed = ~book.is_open
+    any_closed = closed.any(-1)
+    if per_trade and np.any(write & ~any_closed):
+        book = _grow(book, GROW)
+        closed = ~book.is_open
+        any_closed = closed.any(-1)
+    k = book.size.shape[-1]
+    kidx = np.arange(k)
+    first = closed.argmax(-1)
+    fields = {f: getattr(book, f) for f in BOOK_FIELDS}
+    at_new = (write & any_closed)[..., None] & (kidx == first[..., None])
+    full = write & ~any_closed
+    merged = np.zeros(book.size.shape[0])
+    if np.any(full):
+        sign = SIGN[None, None, :, 0]  # (1, 1, 2) against (P, r, 2)
+        ext = {f: np.concatenate([fields[f], crowd[f][..., None]], axis=-1) for f in BOOK_FIELDS}
+        q = mean_key(ext["size"], ext["notional"], ext["margin"], sign[..., None])
+        d, a = ext["size"], ext["spread"]
+        di, dj = d[..., :, None], d[..., None, :]
+        dq = q[..., :, None] - q[..., None, :]
+        da = a[..., :, None] - a[..., None, :]
+        cost = di * dj / _safe(di + dj) * (dq**2 + da**2)
+        upper = np.triu(np.ones((k + 1, k + 1), bool), 1)
+        cost = np.where(upper, cost, np.inf).reshape(cost.shape[:-2] + ((k + 1) ** 2,))
+        best = cost.argmin(-1)
+        i, j = best // (k + 1), best % (k + 1)
+        pick_i = {f: np.take_along_axis(ext[f], i[..., None], -1)[..., 0] for f in BOOK_FIELDS}
+        pick_j = {f: np.take_along_axis(ext[f], j[..., None], -1)[..., 0] for f in BOOK_FIELDS}
+        joined = merge_buckets(pick_i, pick_j, sign)
+        at_i = full[..., None] & (kidx == i[..., None])
+        at_new = at_new | (full[..., None] & (kidx == j[..., None]))  # j = K matches no slot
+        for f in BOOK_FIELDS:
+            fields[f] = np.where(at_i, joined[f][..., None], fields[f])
+        merged = full.sum((1, 2)).astype(np.float64)
+    for f in BOOK_FIELDS:
+        fields[f] = np.where(at_new, crowd[f][..., None], fields[f])
+    return NpBook(**fields, is_open=book.is_open | at_new), merged
 
 
 def _poisson(u: np.ndarray, mean: np.ndarray, max_count: int = 24) -> np.ndarray:
@@ -370,12 +521,48 @@ def _log_returns(
 # --------------------------------------------------------------------------- the step
 
 
+def _crowds(
+    notional: np.ndarray, lev: np.ndarray, prm: NpParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Collateral check (eq. 1) of crowds `(P, r, 2)`: the fraction a_c of members with
+    leverage ≤ η_max (margin fraction m ≥ m_min = 1/η_max) and the kept members' margin
+    fractions [m_lo, m_hi]."""
+    mbar = 1.0 / np.where(lev > 0, lev, 1.0)
+    w = prm.leverage_spread[:, None, None]
+    m_min = (1.0 / prm.max_leverage)[:, None, None]
+    m_hi = mbar * (1.0 + w)
+    spread = np.where(w > 0, (m_hi - m_min) / _safe(2.0 * w * mbar), 0.0)
+    a_c = np.where(w > 0, np.clip(spread, 0.0, 1.0), (mbar >= m_min).astype(np.float64))
+    m_lo = np.maximum(mbar * (1.0 - w), m_min)
+    return a_c, m_lo, m_hi
+
+
+def _arbitrage(
+    sizes: np.ndarray, gamma: np.ndarray, pr: np.ndarray, pr_old: np.ndarray, fee: np.ndarray
+) -> np.ndarray:
+    """The funding arbitrageur's size per market and side `(P, r, 2)`, sized for profit (spec
+    §The funding arbitrageur): with shorts paying it opens a long of clip(√(|γ| S L / f) − L,
+    0, S p/p0 − L); with longs paying a short of clip(√(γ L S / f) − S, 0, L p0/p − S)."""
+    long_size, short_size = sizes[..., 0], sizes[..., 1]
+    ratio = pr / pr_old
+    want_long = np.maximum(short_size * ratio - long_size, 0.0)
+    want_short = np.maximum(long_size / ratio - short_size, 0.0)
+    f = fee[:, None]
+    has_fee = f > 0
+    best = np.sqrt(np.abs(gamma) * short_size * long_size / np.where(has_fee, f, 1.0))
+    best_long = np.where(has_fee, best - long_size, np.inf)
+    best_short = np.where(has_fee, best - short_size, np.inf)
+    arb_long = np.where(gamma < 0, np.clip(best_long, 0.0, want_long), 0.0)
+    arb_short = np.where(gamma > 0, np.clip(best_short, 0.0, want_short), 0.0)
+    return np.stack([arb_long, arb_short], axis=-1)
+
+
 def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
     """Advance every pool by one step with the given draws (returns a new state).
 
-    The order and formulas are those of `pdlpjax.simulate.step` restricted to the covered
-    features (module docstring): oracle, liquidations, funding, lending fees, LP flows,
-    exits, new demand and the funding arbitrageur, acceptance, new cohorts, accounts.
+    The order is that of `pdlpjax.simulate.step` restricted to the covered features (module
+    docstring): oracle, liquidations, funding, lending fees, LP flows, exits, new demand and
+    the funding arbitrageur, acceptance, the crowds added to the book, accounts.
     """
     r = spec.num_risky
     book = st.book
@@ -391,7 +578,8 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
     book_move = -(_unrealised(book, pr) - _unrealised(book, pr_old))
     zero = np.zeros_like(supply)
     fees = bad_debt = flow = funding = n_merged = n_open = n_rejected = zero
-    liq = ex = {k: zero for k in ("received", "paid", "bad_debt", "count")}
+    n_liq = liq_notional = n_exits = zero
+    liq = ex = {k: zero for k in ("received", "paid", "bad_debt")}
 
     if spec.mode == "passive":
         if spec.rebalance:
@@ -399,14 +587,30 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
             reserves = prm.target_weights * before[:, None] / p_new
             inventory = inventory + (p_new * reserves).sum(-1) - before
     else:
-        # 2. Liquidations: sign(η) δ (p0 − p) ≥ c on open cohorts.
-        loss = SIGN * book.size * (book.entry - _b(pr))
-        book, liq = _settle(book, book.is_open & (loss >= book.margin), pr)
+        xb = _b(pr)
+        # 2. Liquidations: the members whose liquidation price the new price crossed.
+        phi, d_l, n_l, c_l = liquidate(
+            book.size, book.notional, book.margin, book.spread, book.is_open, xb
+        )
+        liq = _settle(d_l, n_l, c_l, pr)
         reserves = reserves + liq["reserve_change"]
         bad_debt = liq["bad_debt"]
+        n_liq = (phi * book.count).sum((1, 2, 3))
+        liq_notional = (d_l * xb).sum((1, 2, 3))
+        shut = phi >= 1.0
+        keep = np.where(shut, 0.0, 1.0 - phi)
+        book = NpBook(
+            size=book.size * keep,
+            notional=book.notional * keep,
+            margin=np.where(shut, 0.0, book.margin - c_l),
+            spread=book.spread * keep,
+            count=book.count * keep,
+            is_open=book.is_open & ~shut,
+        )
 
-        # 3. Funding γ = κ (L/S − p/p0), clipped, zero when a side is empty; γ > 0 longs pay.
-        sizes = _side_sizes(book)
+        # 3. Funding γ = κ (L/S − p/p0), clipped, zero when a side is empty; γ > 0 longs pay
+        # |γ| δ p per bucket (not capped at its margin), shared by the receivers pro rata.
+        sizes = book.size.sum(-1)  # (P, r, 2)
         long_size, short_size = sizes[..., 0], sizes[..., 1]
         both = (long_size > 0) & (short_size > 0)
         ratio = long_size / np.where(short_size > 0, short_size, 1.0)
@@ -415,11 +619,9 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         gamma = np.where(both, np.clip(gamma, -cap, cap), 0.0)
         payer = np.where(gamma > 0, 0, 1)[..., None, None]  # (P, r, 1, 1)
         side = np.arange(2)[:, None]
-        is_payer = book.is_open & (side == payer)
-        is_receiver = book.is_open & (side != payer)
-        owed = _b(np.abs(gamma) * pr) * book.size
-        paid = np.where(is_payer, np.minimum(owed, book.margin), 0.0)
-        recv = np.where(is_receiver, book.size, 0.0)
+        is_payer = side == payer
+        paid = np.where(is_payer, _b(np.abs(gamma)) * book.size * xb, 0.0)
+        recv = np.where(is_payer, 0.0, book.size)
         recv_size = recv.sum((2, 3))
         has_recv = recv_size > 0
         total = np.where(has_recv, paid.sum((2, 3)), 0.0)
@@ -428,11 +630,9 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         margin = book.margin - paid + share * _b(total)
         funding = total.sum(-1)
 
-        # 4. Lending fee on what each position borrows (long δ p, short δ p0), from margins.
-        borrowed = np.stack(
-            [book.size[:, :, 0] * pr[..., None], book.size[:, :, 1] * book.entry[:, :, 1]], axis=2
-        )
-        due = np.where(book.is_open, np.minimum(_b(prm.fee) * borrowed, margin), 0.0)
+        # 4. Lending fee f on what each bucket borrows (long δ p, short n), from its margin.
+        borrowed = np.concatenate([book.size[:, :, :1] * xb, book.notional[:, :, 1:]], axis=2)
+        due = _b(prm.fee) * borrowed
         book = dataclasses.replace(book, margin=margin - due)
         fees = due.sum((1, 2, 3))
         reserves = reserves + np.concatenate([np.zeros_like(x), fees[:, None]], axis=1)
@@ -441,9 +641,9 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         value = (p_new * reserves).sum(-1) - _unrealised(book, pr)
         avail = np.maximum(_available(reserves, book), 0.0)
         avail_value = (p_new * avail).sum(-1)
-        phi = prm.lp_flow_drift * spec.dt + prm.lp_flow_vol * math.sqrt(spec.dt) * noise.z_flow
-        deposit = np.maximum(phi, 0.0) * value
-        withdraw = np.minimum(np.maximum(-phi, 0.0) * value, 0.99 * avail_value)
+        phi_flow = prm.lp_flow_drift * spec.dt + prm.lp_flow_vol * math.sqrt(spec.dt) * noise.z_flow
+        deposit = np.maximum(phi_flow, 0.0) * value
+        withdraw = np.minimum(np.maximum(-phi_flow, 0.0) * value, 0.99 * avail_value)
         out_share = avail / np.where(avail_value > 0, avail_value, 1.0)[:, None]
         reserves = (
             reserves + deposit[:, None] * prm.target_weights / p_new - withdraw[:, None] * out_share
@@ -451,11 +651,22 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         flow = deposit - withdraw
         supply = supply + flow / (value / supply)
 
-        # 6a. Random exits (geometric holding times) settle against the pool.
-        leaving = book.is_open & (noise.u_exit * _b(prm.mean_holding) < 1.0)
-        book, ex = _settle(book, leaving, pr)
+        # 6a. Exits: the fraction h = 1/mean_holding of every bucket leaves (no draws).
+        h = _b(np.clip(1.0 / prm.mean_holding, 0.0, 1.0))
+        ex = _settle(h * book.size, h * book.notional, h * book.margin, pr)
         reserves = reserves + ex["reserve_change"]
         bad_debt = bad_debt + ex["bad_debt"]
+        n_exits = (h * book.count).sum((1, 2, 3))
+        stay = 1.0 - h
+        gone = book.is_open & (stay <= 0.0)  # mean_holding = 1: everyone leaves
+        book = NpBook(
+            size=book.size * stay,
+            notional=book.notional * stay,
+            margin=book.margin * stay,
+            spread=np.where(gone, 0.0, book.spread),
+            count=book.count * stay,
+            is_open=book.is_open & ~gone,
+        )
 
         # 6b. New demand: fee elasticity, momentum on the last return, noise traders.
         value = (p_new * reserves).sum(-1) - _unrealised(book, pr)
@@ -472,69 +683,48 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         )
         lev = prm.leverage[:, None, None] * np.exp(lv * noise.z_leverage - 0.5 * lv**2)
 
-        # 6c. The funding-rate arbitrageur joins the receiving side (eq. 3, 4).
-        sizes = _side_sizes(book)
-        long_size, short_size = sizes[..., 0], sizes[..., 1]
-        growth = pr / pr_old
-        want_long = np.maximum(short_size * growth - long_size, 0.0)
-        want_short = np.maximum(long_size / growth - short_size, 0.0)
-        f = prm.fee[:, None]
-        go_long = (gamma < 0) & (f * (long_size + want_long) <= -gamma * short_size)
-        go_short = (gamma > 0) & (f * (short_size + want_short) <= gamma * long_size)
-        arb = np.stack(
-            [np.where(go_long, want_long, 0.0), np.where(go_short, want_short, 0.0)], axis=-1
-        )
+        # 6c. The funding-rate arbitrageur joins the receiving side, sized for profit.
+        arb = _arbitrage(book.size.sum(-1), gamma, pr, pr_old, prm.fee)
         arb_on = (prm.arb_leverage > 0)[:, None, None]
         arb_notional = np.where(arb_on, arb * pr[..., None], 0.0)
         arb_lev = np.broadcast_to(prm.arb_leverage[:, None, None], arb.shape)
 
-        # 6d. Collateral condition (eq. 1) and solvency, in request order, market order,
-        # long before short; shorts of every market share the numéraire.
+        # 6d. Collateral fraction (eq. 1) and capacity shares (solvency), in request order,
+        # market order, long before short; shorts of every market share the numéraire.
         long_used, short_used = _reserved(book)
         cap_long = prm.max_utilisation[:, None] * reserves[:, :r]
         cap_short = prm.max_utilisation * reserves[:, r]
-        new_size = np.zeros_like(notional)
-        new_margin = np.zeros_like(notional)
-        max_lev = prm.max_leverage[:, None, None]
+        accepted = []
         for req_notional, req_lev in ((notional, lev), (arb_notional, arb_lev)):
-            delta = req_notional / pr[..., None]
-            wants = req_notional > 0
-            ok_all = wants & (req_lev <= max_lev)
-            ok_long = ok_all[..., 0] & (long_used + delta[..., 0] <= cap_long)
-            long_used = long_used + np.where(ok_long, delta[..., 0], 0.0)
-            ok_all[..., 0] = ok_long
+            a_c, m_lo, m_hi = _crowds(req_notional, req_lev, prm)
+            kept = req_notional * a_c
+            a_s = np.zeros_like(kept)
+            ask = kept[..., 0] / pr
+            head = np.maximum(cap_long - long_used, 0.0)
+            a_s[..., 0] = np.where(ask > 0, np.clip(head / _safe(ask), 0.0, 1.0), 0.0)
+            long_used = long_used + kept[..., 0] * a_s[..., 0] / pr
             for i in range(r):  # sequential on purpose: each short uses what the last left
-                ok = ok_all[:, i, 1] & (short_used + req_notional[:, i, 1] <= cap_short)
-                short_used = short_used + np.where(ok, req_notional[:, i, 1], 0.0)
-                ok_all[:, i, 1] = ok
-            safe_lev = np.where(req_lev > 0, req_lev, 1.0)
-            new_size = new_size + np.where(ok_all, delta, 0.0)
-            new_margin = new_margin + np.where(ok_all, req_notional / safe_lev, 0.0)
-            n_rejected = n_rejected + (wants & ~ok_all).sum((1, 2))
+                ask = kept[:, i, 1]
+                head = np.maximum(cap_short - short_used, 0.0)
+                a_s[:, i, 1] = np.where(ask > 0, np.clip(head / _safe(ask), 0.0, 1.0), 0.0)
+                short_used = short_used + ask * a_s[:, i, 1]
+            took = kept * a_s
+            n_rejected = n_rejected + np.where(req_notional > 0, 1.0 - a_c * a_s, 0.0).sum((1, 2))
+            prc = pr[..., None]
+            crowd = {
+                "size": took / prc,
+                "notional": took,
+                "margin": took * (m_lo + m_hi) / 2.0,
+                "spread": prc * (m_hi - m_lo) / 2.0,
+                "count": a_c * a_s,
+            }
+            accepted.append((crowd, took >= DUST_NOTIONAL))
 
-        # 6e. One new cohort per market and side: the first free slot, else merged into the
-        # ring's newest cohort (size-weighted entry price, margins added).
-        free = ~book.is_open
-        any_free = free.any(-1)
-        slot = np.where(any_free, free.argmax(-1), book.opened_at.argmax(-1))
-        k = np.arange(spec.num_cohorts)
-        write = (k == slot[..., None]) & (new_size * pr[:, :, None] >= 1e-12)[..., None]
-        merging = write & ~any_free[..., None] & book.is_open
-        old_size = np.where(merging, book.size, 0.0)
-        size = old_size + new_size[..., None]
-        entry = (old_size * book.entry + new_size[..., None] * _b(pr)) / np.where(write, size, 1.0)
-        margin = np.where(merging, book.margin, 0.0) + new_margin[..., None]
-        leverage = size * entry / np.where(margin > 0, margin, 1.0)
-        book = NpBook(
-            size=np.where(write, size, book.size),
-            entry=np.where(write, entry, book.entry),
-            margin=np.where(write, margin, book.margin),
-            leverage=np.where(write, leverage, book.leverage),
-            opened_at=np.where(write, st.t[:, None, None, None], book.opened_at),
-            is_open=book.is_open | write,
-        )
-        n_open = write.sum((1, 2, 3)).astype(np.float64)
-        n_merged = merging.sum((1, 2, 3)).astype(np.float64)
+        # 6e. The crowds join the book, the demand crowd first, then the arbitrageur's.
+        for crowd, write in accepted:
+            book, merges = _insert(book, crowd, write, spec.per_trade)
+            n_open = n_open + write.sum((1, 2)).astype(np.float64)
+            n_merged = n_merged + merges
 
     # Accounting identity and running totals.
     new = NpState(st.t + 1, p_new, reserves, supply, book, dict(st.accounts), garch_h)
@@ -551,16 +741,17 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         ("bad_debt", bad_debt),
         ("lp_flows", flow),
         ("liquidated_margin", liq["received"]),
+        ("liquidated_notional", liq_notional),
         ("exit_received", ex["received"]),
         ("exit_paid", ex["paid"]),
         ("funding_paid", funding),
-        ("liquidations", liq["count"]),
-        ("exits", ex["count"]),
+        ("liquidations", n_liq),
+        ("exits", n_exits),
         ("merged", n_merged),
         ("opened", n_open),
         ("rejected", n_rejected),
         ("utilisation_sum", lent / (p_new * reserves).sum(-1)),
-        ("open_interest_sum", (_open(book, book.size) * _b(pr)).sum((1, 2, 3))),
+        ("open_interest_sum", (book.size * _b(pr)).sum((1, 2, 3))),
         ("value_sum", aum_after),
     ):
         acc[name] = acc[name] + value
@@ -568,3 +759,24 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
     acc["identity_error"] = np.where(worse, violation, acc["identity_error"])
     acc["identity_error_step"] = np.where(worse, st.t, acc["identity_error_step"])
     return new
+
+
+def run(
+    spec: NpSpec,
+    prm: NpParams,
+    noise: Callable[[int], NpNoise] | Sequence[NpNoise],
+    num_steps: int,
+    *,
+    per_trade: bool = False,
+    state: NpState | None = None,
+) -> NpState:
+    """Run `num_steps` steps from `state` (default: `init_state`) with step t's draws
+    `noise(t)` (or `noise[t]`). `per_trade=True`: the book never merges (every accepted crowd
+    keeps its own bucket; the book grows as needed), the per-trade reference."""
+    if per_trade:
+        spec = dataclasses.replace(spec, per_trade=True)
+    st = init_state(spec, prm) if state is None else state
+    draw = noise if callable(noise) else noise.__getitem__
+    for t in range(num_steps):
+        st = step(st, prm, spec, draw(t))
+    return st

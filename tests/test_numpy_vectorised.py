@@ -1,9 +1,14 @@
 """The NumPy baseline of the throughput benchmark (`benchmarks/numpy_vectorised.py`) is the
 same model as the JAX step: on five pools with different params, fed the same draws, both
-agree on every step (reserves, supply, book, accounts) to 1e-9 relative in float64."""
+agree on every step (reserves, supply, book, accounts) to 1e-9 relative in float64.
+
+Its per-trade mode (`run(..., per_trade=True)`, the reference of `benchmarks/fidelity.py`)
+is checked against the merge mode with room for every crowd, and its book formulas against
+crowds of 100,000 discrete traders (`/work/checks/book_spec.md`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -18,6 +23,13 @@ from pdlpjax.config import config_from_dict
 
 T = 200
 POOLS = 5
+# Small enough that the rounding noise of a filled capacity, about 2e-16 × the capacity
+# (numéraire), stays below `DUST_NOTIONAL` = 1e-12: in a pool of 1e6 a request that finds the
+# capacity just filled by the one before it is accepted for ~1e-11 (or 0) depending on the last
+# bit of the headroom, and this baseline and the engine (which sum the book in different
+# orders) write such rounding-noise crowds in different steps. Everything else scales with
+# the pool value.
+INITIAL_VALUE = 1000.0
 
 
 def _load_baseline():
@@ -35,7 +47,8 @@ nv = _load_baseline()
 
 def busy_config(model: str):
     """Five busy pools with different params: liquidations, bad debt, funding, arbitrage,
-    full rings (K = 4), rejections of both kinds and LP flows both ways."""
+    full books (K = 4, so merges), rejections of both kinds, crowds with and without a
+    spread of leverage, and LP flows both ways."""
     return config_from_dict(
         {
             "name": "busy5",
@@ -55,6 +68,7 @@ def busy_config(model: str):
                 "mean_holding": [4.0, 6.0, 10.0, 3.0, 8.0],
                 "leverage": [12.0, 8.0, 15.0, 5.0, 10.0],
                 "leverage_vol": [0.6, 0.5, 0.7, 0.3, 0.8],
+                "leverage_spread": [0.5, 0.0, 0.9, 0.3, 0.7],
                 "max_leverage": [25.0, 15.0, 30.0, 10.0, 20.0],
                 "noise_vol": [0.7, 0.5, 1.0, 0.3, 0.9],
                 "momentum": [0.3, -0.5, 1.0, 0.0, 0.5],
@@ -77,6 +91,7 @@ def busy_config(model: str):
                 "crash_intensity": 5.0,
             },
             "pool": {
+                "initial_value": INITIAL_VALUE,
                 "target_weights": [0.2, 0.2, 0.2, 0.4],
                 "fee": [1e-4, 5e-5, 2e-4, 1e-5, 3e-4],
                 "max_utilisation": [0.3, 0.5, 0.9, 0.2, 0.6],
@@ -115,10 +130,9 @@ def compare(ns, js, t: int) -> None:
     assert_close(where + "supply", ns.supply, js.pool.supply)
     np.testing.assert_array_equal(ns.book.is_open, js.book.is_open, err_msg=where + "is_open")
     live = ns.book.is_open
-    for name in ("size", "entry", "margin", "leverage"):
+    for name in nv.BOOK_FIELDS:
         got = np.where(live, getattr(ns.book, name), 0.0)
         assert_close(where + name, got, np.where(live, getattr(js.book, name), 0.0))
-    np.testing.assert_array_equal(ns.book.opened_at[live], js.book.opened_at[live])
     for name in nv.ACCOUNT_FIELDS:
         if name.startswith("identity_error"):
             continue
@@ -148,6 +162,7 @@ def test_numpy_vectorised_matches_jax_step(model):
     acc = ns.accounts
     for name in (
         "liquidations",
+        "liquidated_notional",
         "bad_debt",
         "funding_paid",
         "fees",
@@ -158,3 +173,107 @@ def test_numpy_vectorised_matches_jax_step(model):
     ):
         assert np.sum(acc[name]) > 0, name
     assert np.any(acc["lp_flows"] > 0) and np.any(acc["lp_flows"] < 0)
+
+
+def _numpy_setup(model: str = "gbm", seed: int = 1):
+    """The busy pools' NumPy spec and params, and NumPy-drawn noise for T steps."""
+    cfg = busy_config(model)
+    with jax.enable_x64(True):
+        params, spec = P.make_params(cfg), P.make_spec(cfg)
+    nspec, nprm = nv.spec_from_pdlpjax(spec, model), nv.params_from_pdlpjax(params)
+    rng = np.random.default_rng(seed)
+    r = nspec.num_risky
+    noise = [
+        nv.NpNoise(
+            path=rng.standard_normal((POOLS, r)),
+            z_demand=rng.standard_normal((POOLS, r, 2)),
+            z_leverage=rng.standard_normal((POOLS, r, 2)),
+            z_flow=rng.standard_normal(POOLS),
+        )
+        for _ in range(T)
+    ]
+    return nspec, nprm, noise
+
+
+def test_per_trade_is_merge_mode_with_room_for_every_crowd():
+    """The per-trade book (grown on demand) equals the merge mode with K = 2 T + 2 slots,
+    which never fills (at most two crowds per market and side and step): no merges, same
+    reserves and totals to rounding (the books differ in width, so sums round differently),
+    the same crowds written; with K = 4 the same draws merge."""
+    nspec, nprm, noise = _numpy_setup()
+    per_trade = nv.run(nspec, nprm, noise, T, per_trade=True)
+    roomy = nv.run(dataclasses.replace(nspec, num_cohorts=2 * T + 2), nprm, noise, T)
+    merging = nv.run(nspec, nprm, noise, T)
+    assert np.all(per_trade.accounts["merged"] == 0) and np.all(roomy.accounts["merged"] == 0)
+    assert np.all(merging.accounts["merged"] > 0)
+    np.testing.assert_array_equal(per_trade.accounts["opened"], roomy.accounts["opened"])
+    assert per_trade.book.size.shape[-1] > nspec.num_cohorts
+    for name in nv.ACCOUNT_FIELDS:
+        if not name.startswith("identity_error"):
+            assert_close(name, per_trade.accounts[name], roomy.accounts[name], rtol=1e-12)
+    assert_close("reserves", per_trade.reserves, roomy.reserves, rtol=1e-12)
+    assert np.all(per_trade.accounts["identity_error"] < 1e-12)
+
+
+def _members(rng, sign: float, count: int):
+    """A crowd of `count` discrete traders entering at p0: margin fractions on a uniform grid
+    over m̄(1 ± w), equal notional each; then a charge per unit of size (fees, funding)
+    taken from every member alike. **Returns:** per-member size, notional, margin, key, and
+    the bucket (δ, n, c, a) the spec gives the crowd."""
+    p0, mbar, w = rng.uniform(50, 150), rng.uniform(0.02, 0.5), rng.uniform(0.05, 0.95)
+    m = mbar * (1.0 + w * (2.0 * (np.arange(count) + 0.5) / count - 1.0))
+    dn = np.full(count, rng.uniform(1.0, 1e4) / count)
+    dd = dn / p0
+    dc = dn * m - rng.uniform(-0.05, 0.05) * p0 * dd
+    key = (dn - sign * dc) / dd
+    return dd, dn, dc, key, (dd.sum(), dn.sum(), dc.sum(), p0 * mbar * w)
+
+
+def test_liquidation_matches_discrete_members():
+    """One bucket against 100,000 discrete members: the liquidated fraction, size, notional
+    and margin (spec §Step order 1) are those of the members whose key the price crossed,
+    to the grid's resolution; the remainder's mean key and half-width are the survivors'."""
+    rng = np.random.default_rng(7)
+    count = 100_000
+    for _ in range(200):
+        sign = float(rng.choice([1.0, -1.0]))
+        dd, dn, dc, key, (size, notional, margin, a) = _members(rng, sign, count)
+        assert nv.mean_key(size, notional, margin, sign) == pytest.approx(key.mean(), rel=1e-12)
+        x = rng.uniform(key.min() - 0.1 * a, key.max() + 0.1 * a)
+        phi, d_l, n_l, c_l = nv.liquidate(size, notional, margin, a, True, x, np.array(sign))
+        hit = key >= x if sign > 0 else key <= x
+        resolution = 2.0 / count
+        assert abs(phi - dd[hit].sum() / size) <= resolution
+        assert abs(d_l - dd[hit].sum()) <= resolution * size
+        assert abs(n_l - dn[hit].sum()) <= resolution * notional
+        if phi < 1.0:  # (φ > 1 − 1e-6 closes the bucket: its chunk is then all of it)
+            assert abs(c_l - dc[hit].sum()) <= resolution * notional
+        if 0.01 < phi < 0.99:
+            rest = ~hit
+            q_rest = nv.mean_key(size - d_l, notional - n_l, margin - c_l, sign)
+            assert q_rest == pytest.approx(key[rest].mean(), abs=resolution * a)
+            half = (key[rest].max() - key[rest].min()) / 2.0
+            assert a * (1.0 - phi) == pytest.approx(half, abs=resolution * a)
+
+
+def test_merge_keeps_the_members_key_moments():
+    """Merging two buckets keeps the size-weighted mean and variance of their members' keys
+    (a²/3 for a uniform bucket)."""
+    rng = np.random.default_rng(8)
+    for _ in range(50):
+        sign = float(rng.choice([1.0, -1.0]))
+        crowds = [_members(rng, sign, 20_000) for _ in range(2)]
+        buckets = [
+            dict(zip(("size", "notional", "margin", "spread"), c[4], strict=True), count=1.0)
+            for c in crowds
+        ]
+        merged = nv.merge_buckets(buckets[0], buckets[1], sign)
+        dd = np.concatenate([c[0] for c in crowds])
+        key = np.concatenate([c[3] for c in crowds])
+        mean = (dd * key).sum() / dd.sum()
+        var = (dd * (key - mean) ** 2).sum() / dd.sum()
+        q = nv.mean_key(merged["size"], merged["notional"], merged["margin"], sign)
+        assert q == pytest.approx(mean, rel=1e-12)
+        # the grid's members are uniform to O(1/count²) in variance
+        assert merged["spread"] ** 2 / 3.0 == pytest.approx(var, rel=1e-6)
+        assert merged["count"] == 2.0
