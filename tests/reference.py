@@ -1,27 +1,36 @@
 """A slow, plain NumPy (float64) reference of one pool step, written from the documented model.
 
 This is deliberately *not* a transliteration of the vectorised JAX step: it walks markets,
-sides and cohorts with explicit Python loops and keeps one `Cohort` object per ring slot. It
-follows the docstrings of `pdlpjax.simulate.step` and of the market/pool functions it calls
-(`settle`, `funding_rate`, `pay_funding`, `charge_fees`, `lp_flow`, `next_slots`,
-`accept_trades`, `trader_demand`, `funding_arbitrage`, `open_cohorts`) and DESIGN.md:
+sides and book slots with explicit Python loops and keeps one `Bucket` object per slot. It
+follows the position book's specification ("crowd buckets", book v2), the docstrings of
+`pdlpjax.simulate.step` for what the book does not touch (paths, LP flows), and DESIGN.md:
 
-1. Oracle: p_{t+1} = p_t · exp(log return) per risky asset (numéraire stays at 1).
-2. Liquidations: an open cohort with sign(η) δ (p0 − p) ≥ c closes; the pool takes
-   min(loss, c) of its margin and absorbs max(loss − c, 0) as bad debt.
-3. Funding: γ = clip(κ (L/S − p_{t+1}/p_t), ±cap), zero when a side is empty; γ > 0 longs
-   pay, γ < 0 shorts pay; each payer pays min(|γ| δ p, c); receivers share pro rata by size.
-4. Lending fee: min(f · borrowed, c) per cohort (long: δ p, short: δ p0), to the numéraire.
+1. Oracle: p_t = p_{t−1} · exp(log return) per risky asset (numéraire stays at 1).
+2. Liquidations: a bucket holds a crowd whose liquidation prices ("keys") are uniform on
+   [q̄ − a, q̄ + a] (mean key q̄ = (n − c)/δ long, (n + c)/δ short). At the new price x the
+   fraction φ of members past their key (long: q ≥ x, short: q ≤ x; φ = 1 when 1 − φ < 1e-6)
+   is liquidated with margin c_L = ±(n_L − δ_L μ), μ their mean key; the pool takes the margin
+   (taken), pays any gain and absorbs max(−(π + c), 0) as bad debt. The remainder keeps
+   δ, n, count times 1 − φ, margin c − c_L and half-width a(1 − φ).
+3. Funding: γ = clip(κ (L/S − p_t/p_{t−1}), ±cap), zero when a side is empty; γ > 0 longs
+   pay, γ < 0 shorts pay; each paying bucket pays |γ| δ p (uncapped, margins may go
+   negative); receivers share the market's total pro rata by size.
+4. Lending fee: f · borrowed per bucket (long: δ p, short: n), uncapped, to the numéraire.
 5. LP flow: φ = drift dt + vol √dt z of AUM; deposits at target weights, withdrawals from the
    available reserves R^A (capped at 99% of their value); shares at the share price.
-6. Exits (u < 1/mean_holding) settle; then trader demand and the funding arbitrageur's
-   requests are checked (collateral condition, solvency) in order and written as one new
-   cohort per market and side, merged into the ring's newest cohort when the ring is full.
+6. Exits: the fraction h = clip(1/mean_holding, 0, 1) of every open bucket leaves and settles
+   (deterministic; a and q̄ unchanged). Then trader demand and the funding arbitrageur
+   (sized for profit: ℓ* = √(|γ| S L / f) − L, at most what brings L/S to p_t/p_{t−1}) send
+   crowds of traders with margin fractions uniform on [m̄(1 − w), m̄(1 + w)], m̄ = 1/η;
+   the collateral condition keeps the fraction a_c with m ≥ 1/η_max, the solvency cap the
+   fraction a_s of the rest (requests in order). Each accepted crowd takes the first closed
+   slot of its market and side, else the cheapest pair among the K buckets and the crowd
+   (cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²)) is merged.
 
 The reference consumes the same injected draws as the JAX step (a `StepNoise` whose leaves
 were converted to NumPy) and keeps the same state, so the two compare field by field. Besides
 the engine's accounting totals it counts events the engine does not break down (rejections by
-reason, funding payments, arbitrage trades).
+reason, funding payments, arbitrage trades, partial and full liquidations).
 """
 
 from __future__ import annotations
@@ -36,6 +45,11 @@ import numpy as np
 LONG, SHORT = 0, 1
 SIGN = {LONG: 1.0, SHORT: -1.0}
 
+# A crowd whose accepted notional is below this (numéraire) is not written.
+DUST_NOTIONAL = 1e-12
+# A liquidation that would leave less than this fraction of a bucket closes it.
+LIQUIDATION_CLOSE = 1e-6
+
 ACCOUNT_FIELDS = (
     "inventory_pnl",
     "book_pnl",
@@ -43,6 +57,7 @@ ACCOUNT_FIELDS = (
     "bad_debt",
     "lp_flows",
     "liquidated_margin",
+    "liquidated_notional",
     "exit_received",
     "exit_paid",
     "funding_paid",
@@ -68,14 +83,19 @@ ACCOUNT_FIELDS = (
 )
 
 EVENT_FIELDS = (
-    "liquidations",
+    "liquidations",  # buckets hit by a liquidation (φ > 0)
+    "full_liquidations",  # of which closed (φ = 1)
     "bad_debt_events",
     "funding_payments",  # (market, step) pairs where a nonzero amount of funding changed hands
     "fee_payments",
-    "random_exits",  # exits by the geometric holding time
-    "merged",  # new trades merged into a full ring's newest cohort
-    "rejected_collateral",
-    "rejected_solvency",
+    "negative_margins",  # buckets whose margin went below zero (charges are uncapped)
+    "exits",  # bucket-steps with a fraction leaving
+    "merged",  # merges (crowd into a bucket, or two buckets to make room for the crowd)
+    "pair_merges",  # of which two old buckets merged and the crowd took a slot of its own
+    "rejected_collateral",  # crowd-equivalents rejected by eq. 1 (1 − a_c per request)
+    "rejected_solvency",  # crowd-equivalents rejected by the cap (a_c (1 − a_s) per request)
+    "partial_collateral",  # requests with 0 < a_c < 1
+    "partial_solvency",  # requests with 0 < a_s < 1
     "arb_requests",
     "arb_opened",
     "opened",
@@ -85,15 +105,28 @@ EVENT_FIELDS = (
 
 
 @dataclass
-class Cohort:
-    """One ring slot: size δ (tokens), entry price p0, margin c, leverage η, opening step."""
+class Bucket:
+    """One book slot: a crowd of traders on one market and side.
+
+    size δ (tokens), entry notional n = Σ δ p0 (numéraire), margin c (numéraire, may be
+    negative), half-width a of the members' liquidation prices (uniform on [q̄ − a, q̄ + a]),
+    count (crowd-equivalents) and an open flag.
+    """
 
     size: float = 0.0
-    entry: float = 0.0
+    notional: float = 0.0
     margin: float = 0.0
-    leverage: float = 0.0
-    opened_at: int = 0
+    spread: float = 0.0
+    count: float = 0.0
     is_open: bool = False
+
+    def mean_key(self, side: int) -> float:
+        """q̄: long (n − c)/δ, short (n + c)/δ."""
+        return (self.notional - SIGN[side] * self.margin) / self.size
+
+    def pnl(self, side: int, price: float) -> float:
+        """Unrealised PnL π = SIGN (δ p − n)."""
+        return SIGN[side] * (self.size * price - self.notional)
 
 
 @dataclass
@@ -125,6 +158,7 @@ class RefParams:
     mean_holding: float
     leverage: float
     leverage_vol: float
+    leverage_spread: float
     max_leverage: float
     fee_elasticity: float
     momentum: float
@@ -171,7 +205,6 @@ class RefNoise:
     """One step's draws as float64 NumPy: the path's, then the market's."""
 
     path: Any  # gbm/garch: z (r,); jump: dict with z, u_jump, z_jump, u_crash, z_crash
-    u_exit: np.ndarray  # (r, 2, K)
     z_demand: np.ndarray  # (r, 2)
     z_leverage: np.ndarray  # (r, 2)
     z_flow: float
@@ -191,7 +224,6 @@ def noise_from_pdlpjax(noise: Any, t: int | None = None) -> RefNoise:
         path = get(path)
     return RefNoise(
         path=path,
-        u_exit=get(noise.u_exit),
         z_demand=get(noise.z_demand),
         z_leverage=get(noise.z_leverage),
         z_flow=float(get(noise.z_flow)),
@@ -206,7 +238,7 @@ class RefState:
     prices: np.ndarray
     reserves: np.ndarray
     supply: float
-    book: list  # book[market][side][k] -> Cohort
+    book: list  # book[market][side][k] -> Bucket
     accounts: dict = field(default_factory=dict)
     events: dict = field(default_factory=dict)
     garch_h: np.ndarray | None = None
@@ -301,7 +333,7 @@ def init_ref_state(spec: RefSpec, prm: RefParams) -> RefState:
         [prm.target_weights[j] * prm.initial_value / prices[j] for j in range(len(prices))]
     )
     book = [
-        [[Cohort() for _ in range(spec.num_cohorts)] for _side in (LONG, SHORT)]
+        [[Bucket() for _ in range(spec.num_cohorts)] for _side in (LONG, SHORT)]
         for _ in range(spec.num_risky)
     ]
     h = None
@@ -319,19 +351,20 @@ def init_ref_state(spec: RefSpec, prm: RefParams) -> RefState:
     )
 
 
-def cohorts(book: list):
-    """Yield (market, side, k, cohort) over every slot."""
+def buckets(book: list):
+    """Yield (market, side, k, bucket) over every slot."""
     for i, market in enumerate(book):
         for s, ring in enumerate(market):
-            for k, c in enumerate(ring):
-                yield i, s, k, c
+            for k, b in enumerate(ring):
+                yield i, s, k, b
 
 
 def unrealised(book: list, prices: np.ndarray) -> float:
+    """Net unrealised trader PnL, Σ SIGN (δ p − n) over open buckets."""
     total = 0.0
-    for i, s, _k, c in cohorts(book):
-        if c.is_open:
-            total += SIGN[s] * c.size * (prices[i] - c.entry)
+    for i, s, _k, b in buckets(book):
+        if b.is_open:
+            total += b.pnl(s, prices[i])
     return total
 
 
@@ -345,16 +378,16 @@ def aum(st: RefState, num_risky: int) -> float:
 
 
 def lent(book: list, num_risky: int) -> tuple[list[float], float]:
-    """Reserved by the book: long tokens per market, short numéraire δ p0 over all markets."""
+    """Reserved by the book: long tokens Σ δ per market, short numéraire Σ n over all markets."""
     long_tokens = [0.0] * num_risky
     short_value = 0.0
-    for i, s, _k, c in cohorts(book):
-        if not c.is_open:
+    for i, s, _k, b in buckets(book):
+        if not b.is_open:
             continue
         if s == LONG:
-            long_tokens[i] += c.size
+            long_tokens[i] += b.size
         else:
-            short_value += c.size * c.entry
+            short_value += b.notional
     return long_tokens, short_value
 
 
@@ -369,7 +402,7 @@ def available(st: RefState, num_risky: int) -> np.ndarray:
 
 
 def side_size(book: list, i: int, s: int) -> float:
-    return sum(c.size for c in book[i][s] if c.is_open)
+    return sum(b.size for b in book[i][s] if b.is_open)
 
 
 def funding_rate(L: float, S: float, p: float, p0: float, kappa: float, cap: float) -> float:
@@ -383,15 +416,220 @@ def funding_rate(L: float, S: float, p: float, p0: float, kappa: float, cap: flo
     return min(max(gamma, -cap), cap)
 
 
-def collateral_ok(leverage: float, max_leverage: float) -> bool:
-    """Eq. 1, p0 δ ≤ η_max c: a trade of notional p0 δ with margin c = p0 δ / η passes iff
-    η ≤ η_max."""
-    return leverage <= max_leverage
+# --------------------------------------------------------------------------- crowds
 
 
-def is_liquidatable(c: Cohort, side: int, price: float) -> bool:
-    """The liquidation condition sign(η) δ (p0 − p) ≥ c on an open cohort."""
-    return c.is_open and SIGN[side] * c.size * (c.entry - price) >= c.margin
+def collateral_fraction(mbar: float, w: float, m_min: float) -> tuple[float, float, float]:
+    """Eq. 1 on a crowd with margin fractions m uniform on [m̄(1 − w), m̄(1 + w)].
+
+    Members with leverage 1/m > η_max (m < m_min = 1/η_max) are rejected.
+    **Returns:** the fraction kept a_c and the kept members' range [m_lo, m_hi].
+    """
+    m_hi = mbar * (1.0 + w)
+    if w > 0:
+        a_c = min(max((m_hi - m_min) / (2.0 * w * mbar), 0.0), 1.0)
+    else:
+        a_c = 1.0 if mbar >= m_min else 0.0
+    m_lo = max(mbar * (1.0 - w), m_min)
+    return a_c, m_lo, m_hi
+
+
+def solvency_fraction(headroom: float, ask: float) -> float:
+    """a_s = clip(headroom / ask, 0, 1), headroom clipped at 0; ask = 0 gives 0."""
+    if not ask > 0:
+        return 0.0
+    return min(max(headroom, 0.0) / ask, 1.0)
+
+
+def new_crowd(accepted: float, price: float, m_lo: float, m_hi: float, count: float) -> Bucket:
+    """The bucket of an accepted crowd of notional A entering at `price`: δ = A/p, n = A,
+    c = A (m_lo + m_hi)/2, key half-width a = p (m_hi − m_lo)/2."""
+    return Bucket(
+        size=accepted / price,
+        notional=accepted,
+        margin=accepted * (m_lo + m_hi) / 2.0,
+        spread=price * (m_hi - m_lo) / 2.0,
+        count=count,
+        is_open=True,
+    )
+
+
+def merge_cost(bi: Bucket, bj: Bucket, side: int) -> float:
+    """δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²)."""
+    qi, qj = bi.mean_key(side), bj.mean_key(side)
+    weight = bi.size * bj.size / (bi.size + bj.size)
+    return weight * ((qi - qj) ** 2 + (bi.spread - bj.spread) ** 2)
+
+
+def merge(bi: Bucket, bj: Bucket, side: int) -> Bucket:
+    """One bucket holding both crowds: δ, n, c, count add; the keys' variance is the mixture's,
+    v = (δ_i v_i + δ_j v_j)/δ + δ_i δ_j (q̄_i − q̄_j)²/δ² with v_k = a_k²/3, and a = √(3v)."""
+    d = bi.size + bj.size
+    qi, qj = bi.mean_key(side), bj.mean_key(side)
+    vi, vj = bi.spread**2 / 3.0, bj.spread**2 / 3.0
+    v = (bi.size * vi + bj.size * vj) / d + bi.size * bj.size * (qi - qj) ** 2 / d**2
+    return Bucket(
+        size=d,
+        notional=bi.notional + bj.notional,
+        margin=bi.margin + bj.margin,
+        spread=math.sqrt(3.0 * v),
+        count=bi.count + bj.count,
+        is_open=True,
+    )
+
+
+def cheapest_pair(ring: list, crowd: Bucket, side: int) -> tuple[int, int]:
+    """The first minimum, in row-major order of (i, j), i < j, of `merge_cost` over the K
+    buckets and the crowd (index K)."""
+    candidates = list(ring) + [crowd]
+    best, pair = math.inf, (-1, -1)
+    for i in range(len(candidates)):
+        for j in range(i + 1, len(candidates)):
+            cost = merge_cost(candidates[i], candidates[j], side)
+            if cost < best:
+                best, pair = cost, (i, j)
+    return pair
+
+
+def add_crowd(ring: list, crowd: Bucket, side: int) -> tuple[int, int]:
+    """Write a crowd into a ring of K slots: the first closed slot, else merge the cheapest
+    pair (the crowd into bucket i when j = K; else i and j into slot i, the crowd into slot j).
+
+    **Returns:** (merges, whether two old buckets merged).
+    """
+    for k, b in enumerate(ring):
+        if not b.is_open:
+            ring[k] = crowd
+            return 0, 0
+    i, j = cheapest_pair(ring, crowd, side)
+    if j == len(ring):
+        ring[i] = merge(ring[i], crowd, side)
+        return 1, 0
+    ring[i] = merge(ring[i], ring[j], side)
+    ring[j] = crowd
+    return 1, 1
+
+
+def arbitrage_sizes(L: float, S: float, gamma: float, ratio: float, fee: float):
+    """The funding arbitrageur's long and short size (tokens), sized for profit (eq. 3, 4).
+
+    Shorts pay (γ < 0): a long ℓ earns ℓ/(L + ℓ) |γ| S p and pays f ℓ p per period, maximal at
+    ℓ* = √(|γ| S L / f) − L, opened as clip(ℓ*, 0, max(S·ratio − L, 0)) (f = 0: the cap).
+    Longs pay (γ > 0): s* = √(γ L S / f) − S, clipped to [0, max(L/ratio − S, 0)].
+    """
+    want_long = max(S * ratio - L, 0.0)
+    want_short = max(L / ratio - S, 0.0)
+    if gamma < 0:
+        star = want_long if fee == 0 else math.sqrt(-gamma * S * L / fee) - L
+        return min(max(star, 0.0), want_long), 0.0
+    if gamma > 0:
+        star = want_short if fee == 0 else math.sqrt(gamma * L * S / fee) - S
+        return 0.0, min(max(star, 0.0), want_short)
+    return 0.0, 0.0
+
+
+def pay_funding(market: list, gamma: float, price: float) -> float:
+    """Funding of one market (eq. 2): every open bucket of the paying side (γ > 0 longs,
+    γ < 0 shorts) pays |γ| δ p from its margin, not capped at it; the receiving side's open
+    buckets share the total in proportion to δ. No receiver: nothing is paid.
+    `market` is `book[i]` (two rings). **Returns:** the total paid."""
+    if gamma == 0.0:
+        return 0.0
+    payer = LONG if gamma > 0 else SHORT
+    receiver = 1 - payer
+    recv_size = sum(b.size for b in market[receiver] if b.is_open)
+    if recv_size <= 0:
+        return 0.0
+    total = 0.0
+    for b in market[payer]:
+        if b.is_open:
+            pay = abs(gamma) * b.size * price
+            b.margin -= pay
+            total += pay
+    for b in market[receiver]:
+        if b.is_open:
+            b.margin += total * (b.size / recv_size)
+    return total
+
+
+def charge_fee(b: Bucket, side: int, price: float, fee: float) -> float:
+    """Lending fee f on what an open bucket borrows (long δ p, short n), from its margin, not
+    capped at it. **Returns:** the fee (0 for a closed slot)."""
+    if not b.is_open:
+        return 0.0
+    due = fee * (b.size * price if side == LONG else b.notional)
+    b.margin -= due
+    return due
+
+
+def accept_requests(
+    requests: list,
+    prices: np.ndarray,
+    reserves: np.ndarray,
+    book: list,
+    prm: RefParams,
+    events: dict,
+) -> tuple[dict, float]:
+    """Appendix A step 5 on crowds: `requests` is a list of (kind, {(i, s): (N, η)}), checked
+    in list order, then market order, long before short.
+
+    Collateral (eq. 1) keeps the fraction a_c of a crowd (members with m ≥ 1/η_max); the
+    solvency cap accepts the fraction a_s = clip(headroom / ask, 0, 1) of what is kept: long
+    tokens N a_c / p against max_utilisation · R_i − used_long_i, short numéraire N a_c
+    (all markets together) against max_utilisation · R_numéraire − used_short. `used` starts at
+    what the book reserves and grows with each accepted crowd. A request with N > 0 adds
+    1 − a_c a_s to the rejections. **Returns:** the accepted crowds per (i, s), in request
+    order (those under DUST_NOTIONAL dropped), and the rejections.
+    """
+    r = len(book)
+    long_used, short_used = lent(book, r)
+    long_cap = [prm.max_utilisation * reserves[i] for i in range(r)]
+    short_cap = prm.max_utilisation * reserves[r]
+    m_min = 1.0 / prm.max_leverage
+    w = prm.leverage_spread
+    crowds = {(i, s): [] for i in range(r) for s in (LONG, SHORT)}
+    rejected = 0.0
+    for kind, wanted in requests:
+        for i in range(r):
+            for s in (LONG, SHORT):
+                notional, lev = wanted[i, s]
+                if not notional > 0:
+                    continue
+                if kind == "arb":
+                    events["arb_requests"] += 1
+                a_c, m_lo, m_hi = collateral_fraction(1.0 / lev, w, m_min)
+                kept = notional * a_c
+                if s == LONG:
+                    a_s = solvency_fraction(long_cap[i] - long_used[i], kept / prices[i])
+                else:
+                    a_s = solvency_fraction(short_cap - short_used, kept)
+                accepted = kept * a_s
+                # used grows by what was accepted. A binding cap (an ask with a_s < 1)
+                # accepts exactly the headroom (none if used is already past the cap), so
+                # used is then max(used, cap): set it so, and the requests after it see no
+                # room at all, not a rounding residue of cap − used.
+                binding = kept > 0 and a_s < 1
+                if s == LONG and binding:
+                    long_used[i] = max(long_used[i], long_cap[i])
+                elif s == LONG:
+                    long_used[i] += accepted / prices[i]
+                elif binding:
+                    short_used = max(short_used, short_cap)
+                else:
+                    short_used += accepted
+                rejected += 1.0 - a_c * a_s
+                events["rejected_collateral"] += 1.0 - a_c
+                events["rejected_solvency"] += a_c * (1.0 - a_s)
+                events["partial_collateral"] += int(0 < a_c < 1)
+                events["partial_solvency"] += int(0 < a_s < 1)
+                if accepted >= DUST_NOTIONAL:
+                    crowds[i, s].append(new_crowd(accepted, prices[i], m_lo, m_hi, a_c * a_s))
+                    if kind == "arb":
+                        events["arb_opened"] += 1
+    return crowds, rejected
+
+
+# --------------------------------------------------------------------------- settlement
 
 
 class _Settled:
@@ -399,28 +637,138 @@ class _Settled:
         self.received = 0.0
         self.paid = 0.0
         self.bad_debt = 0.0
-        self.count = 0
+        self.count = 0.0  # crowd-equivalents
+        self.notional = 0.0  # liquidations: Σ φ δ x
+        self.buckets = 0  # buckets touched
+        self.closed = 0  # of which closed
 
 
-def close_cohort(
-    st: RefState, i: int, side: int, c: Cohort, price: float, out: _Settled, num_risky: int
+def settle_chunk(
+    st: RefState,
+    i: int,
+    side: int,
+    size: float,
+    notional: float,
+    margin: float,
+    price: float,
+    out: _Settled,
+    num_risky: int,
 ) -> None:
-    """Settle one cohort against the pool at `price` and mark it closed."""
-    pnl = SIGN[side] * c.size * (price - c.entry)
-    if pnl > 0:
-        out.paid += pnl
-        if side == LONG:
-            st.reserves[i] -= pnl / price  # paid in tokens of the asset
-        else:
-            st.reserves[num_risky] -= pnl
+    """Settle a closing chunk (δ_x, n_x, c_x) against the pool at `price`.
+
+    π = SIGN (δ_x p − n_x); the pool pays gain = max(π, 0) (a long in tokens, gain/p of them;
+    a short in numéraire), takes c − max(π + c, 0) + gain in numéraire, and the shortfall
+    max(−(π + c), 0) is bad debt.
+    """
+    pi = SIGN[side] * (size * price - notional)
+    gain = max(pi, 0.0)
+    taken = margin - max(pi + margin, 0.0) + gain
+    bad = max(-(pi + margin), 0.0)
+    if side == LONG:
+        st.reserves[i] -= gain / price
     else:
-        loss = -pnl
-        taken = min(loss, c.margin)
-        st.reserves[num_risky] += taken
-        out.received += taken
-        out.bad_debt += max(loss - c.margin, 0.0)
-    out.count += 1
-    c.is_open = False
+        st.reserves[num_risky] -= gain
+    st.reserves[num_risky] += taken
+    out.received += taken
+    out.paid += gain
+    out.bad_debt += bad
+
+
+def liquidated_fraction(b: Bucket, side: int, x: float) -> float:
+    """φ: the fraction of an open bucket's members past their key at price x.
+
+    long φ = clip((q̄ + a − x)/(2a), 0, 1), short φ = clip((x − q̄ + a)/(2a), 0, 1);
+    a = 0: long 1[q̄ ≥ x], short 1[q̄ ≤ x]. φ is rounded up to 1 when 1 − φ < 1e-6.
+    """
+    if not b.is_open:
+        return 0.0
+    q, a = b.mean_key(side), b.spread
+    if a > 0:
+        raw = (q + a - x) / (2.0 * a) if side == LONG else (x - q + a) / (2.0 * a)
+        phi = min(max(raw, 0.0), 1.0)
+    elif side == LONG:
+        phi = 1.0 if q >= x else 0.0
+    else:
+        phi = 1.0 if q <= x else 0.0
+    if 1.0 - phi < LIQUIDATION_CLOSE:
+        phi = 1.0
+    return phi
+
+
+def liquidated_chunk(b: Bucket, side: int, x: float, phi: float) -> tuple[float, float, float]:
+    """(δ_L, n_L, c_L) of the members liquidated at x: δ_L = φ δ, n_L = φ n, and with μ their
+    mean key (long (max(x, q̄ − a) + q̄ + a)/2, short (q̄ − a + min(x, q̄ + a))/2)
+    c_L = n_L − δ_L μ (long) or δ_L μ − n_L (short).
+
+    φ = 1 liquidates every member (also when rounded up from 1 − φ < 1e-6): their mean key
+    is then q̄ itself and c_L = c, the bucket's whole margin (the formula's max(x, q̄ − a)
+    would leave out the members of the rounded-off sliver, whose margin would vanish).
+    """
+    if phi >= 1.0:
+        return b.size, b.notional, b.margin
+    q, a = b.mean_key(side), b.spread
+    d, n = phi * b.size, phi * b.notional
+    if side == LONG:
+        mu = (max(x, q - a) + q + a) / 2.0
+        return d, n, n - d * mu
+    mu = (q - a + min(x, q + a)) / 2.0
+    return d, n, d * mu - n
+
+
+def liquidate(
+    st: RefState, i: int, side: int, k: int, x: float, out: _Settled, num_risky: int
+) -> float:
+    """Liquidate slot k's members past their key at price x; returns φ."""
+    b = st.book[i][side][k]
+    phi = liquidated_fraction(b, side, x)
+    if phi <= 0:
+        return 0.0
+    d, n, c = liquidated_chunk(b, side, x, phi)
+    settle_chunk(st, i, side, d, n, c, x, out, num_risky)
+    out.count += phi * b.count
+    out.notional += phi * b.size * x
+    out.buckets += 1
+    keep = 1.0 - phi
+    st.book[i][side][k] = Bucket(
+        size=b.size * keep,
+        notional=b.notional * keep,
+        margin=b.margin - c,
+        spread=b.spread * keep,
+        count=b.count * keep,
+        is_open=phi < 1.0,
+    )
+    out.closed += int(phi >= 1.0)
+    return phi
+
+
+def exit_fraction(mean_holding: float) -> float:
+    """h = clip(1/mean_holding, 0, 1) (a mean holding of 0 reads as 1/0 = ∞ → 1)."""
+    if mean_holding == 0:
+        return 1.0
+    return min(max(1.0 / mean_holding, 0.0), 1.0)
+
+
+def exit_bucket(
+    st: RefState, i: int, side: int, k: int, h: float, price: float, out: _Settled, num_risky: int
+) -> None:
+    """The fraction h of slot k leaves: (hδ, hn, hc) settles, the rest scales by 1 − h (a and
+    q̄ unchanged); h = 1 empties, and so closes, the slot."""
+    b = st.book[i][side][k]
+    if not (b.is_open and h > 0):
+        return
+    settle_chunk(st, i, side, h * b.size, h * b.notional, h * b.margin, price, out, num_risky)
+    out.count += h * b.count
+    out.buckets += 1
+    keep = 1.0 - h
+    st.book[i][side][k] = Bucket(
+        size=b.size * keep,
+        notional=b.notional * keep,
+        margin=b.margin * keep,
+        spread=b.spread,
+        count=b.count * keep,
+        is_open=h < 1.0,
+    )
+    out.closed += int(h >= 1.0)
 
 
 # --------------------------------------------------------------------------- the step
@@ -447,7 +795,8 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     liq = _Settled()
     ex = _Settled()
     funding_total = 0.0
-    n_merged = n_open = n_rejected = 0
+    n_merged = n_open = 0
+    n_rejected = 0.0
 
     if spec.mode == "passive":
         if spec.rebalance:
@@ -456,47 +805,32 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
             inventory += portfolio_value(p_new, new_r) - value
             st.reserves = new_r
     else:
-        # 2. Liquidations at the new prices.
-        for i, s, _k, c in cohorts(st.book):
-            if is_liquidatable(c, s, p_new[i]):
-                close_cohort(st, i, s, c, p_new[i], liq, r)
+        # 2. Liquidations at the new prices, bucket by bucket.
+        for i in range(r):
+            for s in (LONG, SHORT):
+                for k in range(K):
+                    liquidate(st, i, s, k, p_new[i], liq, r)
         bad_debt += liq.bad_debt
-        st.events["liquidations"] += liq.count
+        st.events["liquidations"] += liq.buckets
+        st.events["full_liquidations"] += liq.closed
         st.events["bad_debt_events"] += int(liq.bad_debt > 0)
 
-        # 3. Funding between the sides, on the positions that survived.
+        # 3. Funding between the sides, on what survived; uncapped by the margins.
         gammas = []
         for i in range(r):
             L, S = side_size(st.book, i, LONG), side_size(st.book, i, SHORT)
             gamma = funding_rate(L, S, p_new[i], p_old[i], prm.funding_kappa, prm.funding_cap)
             gammas.append(gamma)
-            if gamma == 0.0:
-                continue
-            payer = LONG if gamma > 0 else SHORT
-            receiver = 1 - payer
-            recv_size = side_size(st.book, i, receiver)
-            if recv_size <= 0:
-                continue
-            total = 0.0
-            for c in st.book[i][payer]:
-                if c.is_open:
-                    pay = min(abs(gamma) * c.size * p_new[i], c.margin)
-                    c.margin -= pay
-                    total += pay
-            for c in st.book[i][receiver]:
-                if c.is_open:
-                    c.margin += total * (c.size / recv_size)
+            total = pay_funding(st.book[i], gamma, p_new[i])
             funding_total += total
             st.events["funding_payments"] += int(total > 0)
 
-        # 4. Lending fee on what each position borrows.
-        for i, s, _k, c in cohorts(st.book):
-            if c.is_open:
-                borrowed = c.size * p_new[i] if s == LONG else c.size * c.entry
-                due = min(prm.fee * borrowed, c.margin)
-                c.margin -= due
-                fees += due
-                st.events["fee_payments"] += int(due > 0)
+        # 4. Lending fee on what each bucket borrows (long δ p, short n), uncapped.
+        for i, s, _k, b in buckets(st.book):
+            due = charge_fee(b, s, p_new[i], prm.fee)
+            fees += due
+            st.events["fee_payments"] += int(due > 0)
+            st.events["negative_margins"] += int(b.is_open and b.margin < 0)
         st.reserves[num] += fees
 
         # 5. LP deposits and withdrawals at the share price.
@@ -516,18 +850,13 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
         st.events["lp_deposits"] += int(deposit > 0)
         st.events["lp_withdrawals"] += int(withdraw > 0)
 
-        # 6a. Random exits.
+        # 6a. Deterministic exits: the fraction h of every open bucket.
+        h = exit_fraction(prm.mean_holding)
         for i in range(r):
             for s in (LONG, SHORT):
-                ring = st.book[i][s]
-                leaving = [
-                    k
-                    for k in range(K)
-                    if ring[k].is_open and noise.u_exit[i, s, k] < 1.0 / prm.mean_holding
-                ]
-                for k in leaving:
-                    close_cohort(st, i, s, ring[k], p_new[i], ex, r)
-                st.events["random_exits"] += len(leaving)
+                for k in range(K):
+                    exit_bucket(st, i, s, k, h, p_new[i], ex, r)
+        st.events["exits"] += ex.buckets
         bad_debt += ex.bad_debt
         st.events["bad_debt_events"] += int(ex.bad_debt > 0)
 
@@ -552,87 +881,31 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
                 )
                 demand[i, s] = (notional, lev)
 
-        # 6c. The funding-rate arbitrageur joins the receiving side (eq. 3, 4).
+        # 6c. The funding-rate arbitrageur joins the receiving side, sized for profit.
         arb = {}
         for i in range(r):
             L, S = side_size(st.book, i, LONG), side_size(st.book, i, SHORT)
             ratio = p_new[i] / p_old[i]
-            gamma = gammas[i]
             arb[i, LONG] = arb[i, SHORT] = (0.0, prm.arb_leverage)
             if prm.arb_leverage <= 0:
                 continue
-            if gamma < 0:  # shorts pay: a long that brings L/S to p/p0
-                want = max(S * ratio - L, 0.0)
-                if prm.fee * (L + want) <= -gamma * S:
-                    arb[i, LONG] = (want * p_new[i], prm.arb_leverage)
-            elif gamma > 0:  # longs pay: a short
-                want = max(L / ratio - S, 0.0)
-                if prm.fee * (S + want) <= gamma * L:
-                    arb[i, SHORT] = (want * p_new[i], prm.arb_leverage)
+            want = arbitrage_sizes(L, S, gammas[i], ratio, prm.fee)
+            for s in (LONG, SHORT):
+                arb[i, s] = (want[s] * p_new[i], prm.arb_leverage)
 
-        # 6d. Collateral condition and solvency, in request order; market order; long, short.
-        long_used, short_used = lent(st.book, r)
-        long_cap = [prm.max_utilisation * st.reserves[i] for i in range(r)]
-        short_cap = prm.max_utilisation * st.reserves[num]
-        new_size = {(i, s): 0.0 for i in range(r) for s in (LONG, SHORT)}
-        new_margin = dict(new_size)
-        for kind, requests in (("demand", demand), ("arb", arb)):
-            for i in range(r):
-                for s in (LONG, SHORT):
-                    notional, lev = requests[i, s]
-                    if not notional > 0:
-                        continue
-                    if kind == "arb":
-                        st.events["arb_requests"] += 1
-                    delta = notional / p_new[i]
-                    if not collateral_ok(lev, prm.max_leverage):
-                        st.events["rejected_collateral"] += 1
-                        n_rejected += 1
-                        continue
-                    if s == LONG:
-                        ok = long_used[i] + delta <= long_cap[i]
-                    else:
-                        ok = short_used + notional <= short_cap
-                    if not ok:
-                        st.events["rejected_solvency"] += 1
-                        n_rejected += 1
-                        continue
-                    if s == LONG:
-                        long_used[i] += delta
-                    else:
-                        short_used += notional
-                    new_size[i, s] += delta
-                    new_margin[i, s] += notional / lev
-                    if kind == "arb":
-                        st.events["arb_opened"] += 1
+        # 6d. Collateral fraction a_c and capacity share a_s, in request order.
+        crowds, n_rejected = accept_requests(
+            [("demand", demand), ("arb", arb)], p_new, st.reserves, st.book, prm, st.events
+        )
 
-        # 6e. One new cohort per market and side (if its notional is at least 1e-12): the
-        # first free slot, else merged into the ring's newest cohort (size-weighted entry
-        # price, margins added).
+        # 6e. Write the crowds, demand first: the first closed slot, else the cheapest merge.
         for i in range(r):
             for s in (LONG, SHORT):
-                if not new_size[i, s] * p_new[i] >= 1e-12:  # market.DUST_NOTIONAL
-                    continue
-                ring = st.book[i][s]
-                size, margin = new_size[i, s], new_margin[i, s]
-                free = [k for k in range(K) if not ring[k].is_open]
-                if free:
-                    slot, entry = free[0], p_new[i]
-                else:
-                    slot = max(range(K), key=lambda k: (ring[k].opened_at, -k))  # noqa: B023
-                    old = ring[slot]
-                    entry = (old.size * old.entry + size * p_new[i]) / (old.size + size)
-                    size, margin = old.size + size, old.margin + margin
-                    n_merged += 1
-                ring[slot] = Cohort(
-                    size=size,
-                    entry=entry,
-                    margin=margin,
-                    leverage=size * entry / margin,
-                    opened_at=st.t,
-                    is_open=True,
-                )
-                n_open += 1
+                for crowd in crowds[i, s]:
+                    merged, pair = add_crowd(st.book[i][s], crowd, s)
+                    n_merged += merged
+                    st.events["pair_merges"] += pair
+                    n_open += 1
         st.events["opened"] += n_open
 
     # Accounting identity and running totals.
@@ -644,11 +917,11 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     # their pro-rata share of what happened while they held h of `supply` shares: the market
     # terms before the flow over the opening supply, the exits' bad debt after it over the
     # closing supply. (No target-weight arbitrage here: `twm_settle` is checked on its own.)
-    h = prm.initial_value
-    wealth_before = h * aum_before / supply_before
-    wealth_after = h * aum_after / st.supply
-    share_before = h / supply_before
-    share_after = h / st.supply
+    held = prm.initial_value
+    wealth_before = held * aum_before / supply_before
+    wealth_after = held * aum_after / st.supply
+    share_before = held / supply_before
+    share_after = held / st.supply
     expected = share_before * (inventory + book_move + fees - liq.bad_debt) - share_after * (
         ex.bad_debt
     )
@@ -660,6 +933,7 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     acc["bad_debt"] += bad_debt
     acc["lp_flows"] += flow
     acc["liquidated_margin"] += liq.received
+    acc["liquidated_notional"] += liq.notional
     acc["exit_received"] += ex.received
     acc["exit_paid"] += ex.paid
     acc["funding_paid"] += funding_total
@@ -673,7 +947,7 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     lent_value = sum(long_tokens[i] * p_new[i] for i in range(r)) + short_value
     acc["utilisation_sum"] += lent_value / portfolio_value(p_new, st.reserves)
     acc["open_interest_sum"] += sum(
-        c.size * p_new[i] for i, _s, _k, c in cohorts(st.book) if c.is_open
+        b.size * p_new[i] for i, _s, _k, b in buckets(st.book) if b.is_open
     )
     acc["value_sum"] += aum_after
     # Attribution: the LP identity's terms per share. A liquidation's seized margin is split
@@ -759,22 +1033,27 @@ def share_price(st: RefState, num_risky: int) -> float:
     return aum(st, num_risky) / st.supply
 
 
+BOOK_FIELDS = ("size", "notional", "margin", "spread", "count", "is_open")
+
+
 def book_arrays(st: RefState) -> dict[str, np.ndarray]:
     """The book as `(r, 2, K)` arrays, named as `pdlpjax.Book`'s fields."""
     out = {}
-    for name in ("size", "entry", "margin", "leverage", "opened_at", "is_open"):
+    for name in BOOK_FIELDS:
         out[name] = np.array(
-            [[[getattr(c, name) for c in ring] for ring in market] for market in st.book]
+            [[[getattr(b, name) for b in ring] for ring in market] for market in st.book]
         )
     return out
 
 
 def set_book(st: RefState, arrays: dict[str, np.ndarray]) -> None:
     """Overwrite the reference book from `(r, 2, K)` arrays (e.g. a JAX `Book`)."""
-    for i, s, k, c in cohorts(st.book):
-        c.size = float(arrays["size"][i, s, k])
-        c.entry = float(arrays["entry"][i, s, k])
-        c.margin = float(arrays["margin"][i, s, k])
-        c.leverage = float(arrays["leverage"][i, s, k])
-        c.opened_at = int(arrays["opened_at"][i, s, k])
-        c.is_open = bool(arrays["is_open"][i, s, k])
+    for i, s, k, _b in buckets(st.book):
+        st.book[i][s][k] = Bucket(
+            size=float(arrays["size"][i, s, k]),
+            notional=float(arrays["notional"][i, s, k]),
+            margin=float(arrays["margin"][i, s, k]),
+            spread=float(arrays["spread"][i, s, k]),
+            count=float(arrays["count"][i, s, k]),
+            is_open=bool(arrays["is_open"][i, s, k]),
+        )

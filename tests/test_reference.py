@@ -1,7 +1,12 @@
 """The JAX step against the plain NumPy reference (`tests/reference.py`) on the same draws,
-the paper's worked examples (Chitra et al. §2.1, Appendix A), rejections, and invariants."""
+the paper's worked examples (Chitra et al. §2.1, Appendix A), the crowd-bucket book's rules
+(liquidation, exits, settlement, acceptance, merging, the arbitrageur's size) by hand, by
+brute force over a crowd's members and against the JAX functions, rejections, and
+invariants."""
 
 from __future__ import annotations
+
+import math
 
 import equinox as eqx
 import jax
@@ -17,10 +22,12 @@ from pdlpjax.config import config_from_dict
 
 T = 300  # steps of the busy run
 
-# A small, busy pool: high leverage and jumps (liquidations, bad debt), κ large enough for
-# funding to move margins and to pay the arbitrageur, a low utilisation cap (solvency
-# rejections), leverage draws that cross max_leverage (collateral rejections), short holding
-# times (random exits) and K = 4 cohorts (full rings merge), and LP flows both ways.
+# A small, busy pool: high leverage and jumps (partial and full liquidations, bad debt), κ
+# large enough for funding to move margins (some below zero) and to pay the arbitrageur, a
+# low utilisation cap (partial and full solvency rejections), leverage draws whose crowds
+# cross max_leverage (partial and full collateral rejections), short holding times (large
+# exits) and K = 4 buckets (full books merge, crowd into bucket and bucket pairs), and LP
+# flows both ways.
 BUSY = {
     "name": "busy",
     "market": {
@@ -33,6 +40,7 @@ BUSY = {
         "mean_holding": 6.0,
         "leverage": 12.0,
         "leverage_vol": 0.6,
+        "leverage_spread": 0.5,
         "max_leverage": 25.0,
         "noise_vol": 0.7,
         "arb_leverage": 3.0,
@@ -57,7 +65,7 @@ BUSY = {
 }
 
 ACCOUNT_TOTALS = tuple(f for f in ref.ACCOUNT_FIELDS if "identity_error" not in f)
-BOOK_FLOATS = ("size", "entry", "margin", "leverage")
+BOOK_FLOATS = ("size", "notional", "margin", "spread", "count")
 
 
 def one_pool(raw: dict):
@@ -79,8 +87,7 @@ def one_pool(raw: dict):
 
 def book_dict(book) -> dict:
     """A `Book`'s fields as NumPy arrays, by name."""
-    names = ("size", "entry", "margin", "leverage", "opened_at", "is_open")
-    return {name: np.asarray(getattr(book, name)) for name in names}
+    return {name: np.asarray(getattr(book, name)) for name in ref.BOOK_FIELDS}
 
 
 def to_numpy(tree):
@@ -153,13 +160,11 @@ def compare_state(st: ref.RefState, js, r: int, t: int) -> None:
     live = book["is_open"]
     for name in BOOK_FLOATS:
         assert_close(where + name, book[name][live], np.asarray(getattr(js.book, name))[live])
-    np.testing.assert_array_equal(book["opened_at"][live], js.book.opened_at[live])
     jaum = np.sum(js.pool.prices * js.pool.reserves) - np.sum(
         np.where(
             js.book.is_open,
             np.array([1.0, -1.0])[None, :, None]
-            * js.book.size
-            * (js.pool.prices[:r, None, None] - js.book.entry),
+            * (js.book.size * js.pool.prices[:r, None, None] - js.book.notional),
             0.0,
         )
     )
@@ -182,26 +187,20 @@ def test_jax_step_matches_reference_every_step(busy):
 def test_busy_run_exercises_every_event(busy):
     """The comparison above is not vacuous: every mechanism fired in the run."""
     ev = busy["ref"][-1].events
-    for name in (
-        "liquidations",
-        "bad_debt_events",
-        "funding_payments",
-        "fee_payments",
-        "random_exits",
-        "merged",
-        "rejected_collateral",
-        "rejected_solvency",
-        "arb_opened",
-        "lp_deposits",
-        "lp_withdrawals",
-    ):
+    for name in ref.EVENT_FIELDS:
         assert ev[name] > 0, name
+    # Partial liquidations, not only whole buckets.
+    assert ev["full_liquidations"] < ev["liquidations"]
     acc = at(busy["states"], T - 1).accounts
-    assert float(acc.liquidations) == ev["liquidations"]
     assert float(acc.merged) == ev["merged"]
-    assert float(acc.exits) == ev["random_exits"]
-    assert float(acc.rejected) == ev["rejected_collateral"] + ev["rejected_solvency"]
     assert float(acc.opened) == ev["opened"]
+    assert float(acc.rejected) == pytest.approx(
+        ev["rejected_collateral"] + ev["rejected_solvency"], rel=1e-12
+    )
+    # Crowd-equivalents: a fraction of a bucket per liquidation and exit.
+    assert 0 < float(acc.liquidations) < ev["liquidations"]
+    assert 0 < float(acc.exits) < ev["exits"]
+    assert float(acc.liquidated_notional) > 0
     assert float(acc.funding_paid) > 0 and float(acc.bad_debt) > 0
 
 
@@ -248,7 +247,6 @@ def test_passive_mode_matches_reference(model, rebalance):
         # Injected draws (only the path's matter in passive mode).
         noise = P.StepNoise(
             path=jnp.asarray(rng.standard_normal((40, 3))),
-            u_exit=jnp.asarray(rng.uniform(size=(40, 3, 2, spec.num_cohorts))),
             z_demand=jnp.asarray(rng.standard_normal((40, 3, 2))),
             z_leverage=jnp.asarray(rng.standard_normal((40, 3, 2))),
             z_flow=jnp.asarray(rng.standard_normal(40)),
@@ -274,9 +272,29 @@ def test_passive_mode_matches_reference(model, rebalance):
 # --------------------------------------------------------------------------- worked examples
 
 
+def jax_book(**fields) -> market.Book:
+    """A `market.Book` from nested lists (float64; `is_open` bool)."""
+    out = {}
+    for name in ref.BOOK_FIELDS:
+        dtype = bool if name == "is_open" else jnp.float64
+        out[name] = jnp.asarray(np.asarray(fields[name]), dtype)
+    return market.Book(**out)
+
+
+def one_bucket_book(b: ref.Bucket, side: int) -> dict:
+    """Book fields `(1, 2, 1)` holding `b` on `side` (the other side closed)."""
+    fields = {}
+    for name in ref.BOOK_FIELDS:
+        v = np.zeros((1, 2, 1), bool if name == "is_open" else np.float64)
+        v[0, side, 0] = getattr(b, name)
+        fields[name] = v
+    return fields
+
+
 def test_funding_rate_worked_example():
     """§2.1: L = 1000, S = 250 at p = p0 = 2000 gives γ_L = 3κ, and longs pay shorts."""
     kappa = 1e-3
+    owed = 3 * kappa * 1000.0 * 2000.0
     with jax.enable_x64(True):
         gamma = market.funding_rate(
             jnp.array([[1000.0, 250.0]]),
@@ -289,21 +307,50 @@ def test_funding_rate_worked_example():
         assert ref.funding_rate(1000.0, 250.0, 2000.0, 2000.0, kappa, 1.0) == pytest.approx(
             3 * kappa, rel=1e-15
         )
-        # Longs pay: one long cohort of 1000 and one short of 250, margins 1e6 each.
-        book = market.Book(
-            size=jnp.array([[[1000.0], [250.0]]]),
-            entry=jnp.full((1, 2, 1), 2000.0),
-            margin=jnp.full((1, 2, 1), 1e6),
-            leverage=jnp.ones((1, 2, 1)),
-            opened_at=jnp.zeros((1, 2, 1), jnp.int32),
-            is_open=jnp.ones((1, 2, 1), bool),
+        # Longs pay: one long bucket of 1000 and one short of 250. The long's margin (1000)
+        # is below what it owes (6000): the payment is not capped, the margin goes negative.
+        fields = dict(
+            size=[[[1000.0], [250.0]]],
+            notional=[[[2e6], [5e5]]],
+            margin=[[[1000.0], [1e6]]],
+            spread=[[[0.0], [0.0]]],
+            count=[[[1.0], [1.0]]],
+            is_open=[[[True], [True]]],
         )
-        book, paid = market.pay_funding(book, gamma, jnp.array([2000.0]))
-        owed = 3 * kappa * 1000.0 * 2000.0
+        book, paid = market.pay_funding(jax_book(**fields), gamma, jnp.array([2000.0]))
         np.testing.assert_allclose(float(paid), owed, rtol=1e-12)
         np.testing.assert_allclose(
-            np.asarray(book.margin)[0, :, 0], [1e6 - owed, 1e6 + owed], rtol=1e-12
+            np.asarray(book.margin)[0, :, 0], [1000.0 - owed, 1e6 + owed], rtol=1e-12
         )
+    st = ref.RefState(0, np.zeros(2), np.zeros(2), 1.0, [[[ref.Bucket()], [ref.Bucket()]]])
+    ref.set_book(st, {k: np.asarray(v) for k, v in fields.items()})
+    assert ref.pay_funding(st.book[0], 3 * kappa, 2000.0) == pytest.approx(owed, rel=1e-15)
+    assert st.book[0][ref.LONG][0].margin == pytest.approx(1000.0 - owed, rel=1e-15)
+    assert st.book[0][ref.SHORT][0].margin == pytest.approx(1e6 + owed, rel=1e-15)
+
+
+def test_lending_fee_is_uncapped():
+    """Fee f on the borrowed value, long f δ p, short f n, from margins that may go negative."""
+    fee, price = 0.01, 2500.0
+    fields = dict(
+        size=[[[4.0], [4.0]]],
+        notional=[[[8000.0], [8000.0]]],
+        margin=[[[50.0], [2000.0]]],
+        spread=[[[10.0], [10.0]]],
+        count=[[[1.0], [1.0]]],
+        is_open=[[[True], [True]]],
+    )
+    want_due = [fee * 4.0 * price, fee * 8000.0]  # 100 (more than the long's 50), 80
+    with jax.enable_x64(True):
+        book, due = market.charge_fees(jax_book(**fields), jnp.array([price]), jnp.asarray(fee))
+        np.testing.assert_allclose(float(due), sum(want_due), rtol=1e-14)
+        np.testing.assert_allclose(np.asarray(book.margin)[0, :, 0], [-50.0, 1920.0], rtol=1e-14)
+    st = ref.RefState(0, np.zeros(2), np.zeros(2), 1.0, [[[ref.Bucket()], [ref.Bucket()]]])
+    ref.set_book(st, {k: np.asarray(v) for k, v in fields.items()})
+    for s in (ref.LONG, ref.SHORT):
+        b = st.book[0][s][0]
+        assert ref.charge_fee(b, s, price, fee) == pytest.approx(want_due[s], rel=1e-15)
+    assert [st.book[0][s][0].margin for s in (0, 1)] == pytest.approx([-50.0, 1920.0])
 
 
 def test_liquidation_worked_example():
@@ -312,102 +359,529 @@ def test_liquidation_worked_example():
     The paper states δ = 1 ETH, but also a notional δ p0 of 8000 USD and liquidation at
     p0 (1 − 1/η) = 1500 for a position saturating eq. 1: both need δ = η c / p0 = 4. With
     δ = 1 the condition δ (p0 − p) ≥ c would give p ≤ 0. (It also prints "$1,5000".)
-    We test the consistent reading δ = 4.
+    We test the consistent reading δ = 4, as a bucket without spread (a = 0): one key,
+    q̄ = (n − c)/δ = (8000 − 2000)/4 = 1500, liquidated whole or not at all.
     """
     delta, c, p0 = 4.0, 2000.0, 2000.0
     assert delta * p0 == 8000.0 and delta * p0 <= 4 * c  # eq. 1, saturated
     assert p0 - c / 1.0 == 0.0  # the δ = 1 reading: liquidation price 0
+    long = ref.Bucket(delta, delta * p0, c, 0.0, 1.0, True)
+    assert long.mean_key(ref.LONG) == 1500.0
     with jax.enable_x64(True):
-        book = market.Book(
-            size=jnp.full((1, 2, 1), delta),
-            entry=jnp.full((1, 2, 1), p0),
-            margin=jnp.full((1, 2, 1), c),
-            leverage=jnp.full((1, 2, 1), 4.0),
-            opened_at=jnp.zeros((1, 2, 1), jnp.int32),
-            is_open=jnp.array([[[True], [False]]]),
-        )
-        for p, want in [(1500.0, True), (1500.01, False), (1400.0, True), (2500.0, False)]:
-            got = bool(market.liquidation_mask(book, jnp.array([p]))[0, 0, 0])
-            assert got is want, p
-            assert ref.is_liquidatable(ref.Cohort(delta, p0, c, 4.0, 0, True), ref.LONG, p) is want
-    # The short mirror: liquidated at p0 + c/δ = 2500.
-    short = ref.Cohort(delta, p0, c, 4.0, 0, True)
-    assert ref.is_liquidatable(short, ref.SHORT, 2500.0)
-    assert not ref.is_liquidatable(short, ref.SHORT, 2499.99)
+        book = jax_book(**one_bucket_book(long, ref.LONG))
+        for p, want in [(1500.0, 1.0), (1500.01, 0.0), (1400.0, 1.0), (2500.0, 0.0)]:
+            got = float(market.liquidation_fraction(book, jnp.array([p]))[0, 0, 0])
+            assert got == want, p
+            assert ref.liquidated_fraction(long, ref.LONG, p) == want
+    # The short mirror: q̄ = (n + c)/δ = 2500.
+    short = ref.Bucket(delta, delta * p0, c, 0.0, 1.0, True)
+    assert short.mean_key(ref.SHORT) == 2500.0
+    assert ref.liquidated_fraction(short, ref.SHORT, 2500.0) == 1.0
+    assert ref.liquidated_fraction(short, ref.SHORT, 2499.99) == 0.0
 
 
-def test_collateral_condition_rejects_over_max_leverage():
-    """Eq. 1, p0 δ ≤ η_max c: a request above max leverage is rejected, at it accepted."""
+# --------------------------------------------------------------------------- crowd buckets
+
+# A fresh crowd: notional 10000 at p0 = 2000, leverage 5, spread w = 0.5: margin fractions
+# uniform on [0.1, 0.3] (mean 0.2), δ = 5, n = 10000, c = 2000. Long keys p0 (1 − m) on
+# [1400, 1800] (q̄ = 1600, a = 200); short keys p0 (1 + m) on [2200, 2600] (q̄ = 2400).
+CROWD = dict(notional=10000.0, price=2000.0, leverage=5.0, w=0.5)
+
+# Prices inside the key range and what the bucket formulas give there, by hand:
+# φ = 150/400 = 0.375 (long (q̄ + a − x)/2a, short (x − q̄ + a)/2a); liquidated δ_L = 1.875,
+# n_L = 3750; their mean key μ = (x + 1800)/2 = 1725 (long), (2200 + x)/2 = 2275 (short);
+# c_L = n_L − δ_L μ = 3750 − 3234.375 = 515.625 (long), δ_L μ − n_L = 4265.625 − 3750 (short);
+# PnL π_L = ±(δ_L x − n_L) = −656.25 both; the pool takes c_L; bad debt −(π_L + c_L) = 140.625.
+# Remainder: δ 3.125, n 6250, c 1484.375, count 0.625, a' = a (1 − φ) = 125 and
+# q̄' = q̄ ∓ a φ = 1525 (long: (6250 − 1484.375)/3.125) or 2475 (short: (6250 + 1484.375)/3.125).
+HAND = {
+    ref.LONG: dict(x=1650.0, key=1600.0, phi=0.375, mu=1725.0, new_key=1525.0),
+    ref.SHORT: dict(x=2350.0, key=2400.0, phi=0.375, mu=2275.0, new_key=2475.0),
+}
+
+
+def fresh_crowd(side: int) -> ref.Bucket:
+    c = CROWD
+    mbar = 1.0 / c["leverage"]
+    a_c, m_lo, m_hi = ref.collateral_fraction(mbar, c["w"], 0.0)
+    assert (a_c, m_lo, m_hi) == pytest.approx((1.0, 0.1, 0.3), rel=1e-15)
+    return ref.new_crowd(c["notional"] * a_c, c["price"], m_lo, m_hi, a_c)
+
+
+def crowd_members(side: int, num: int = 100_000) -> dict:
+    """The same crowd as `num` equal members, each with its own margin fraction (midpoints
+    of [0.1, 0.3]) and so its own key p0 (1 ∓ m)."""
+    c = CROWD
+    mbar = 1.0 / c["leverage"]
+    m = mbar * (1 - c["w"]) + (np.arange(num) + 0.5) / num * 2 * c["w"] * mbar
+    notional = np.full(num, c["notional"] / num)
+    return dict(
+        size=notional / c["price"],
+        notional=notional,
+        margin=m * notional,
+        key=c["price"] * (1.0 - ref.SIGN[side] * m),
+    )
+
+
+@pytest.mark.parametrize("side", [ref.LONG, ref.SHORT], ids=["long", "short"])
+def test_partial_liquidation_of_a_crowd_bucket(side):
+    """A crowd bucket at a price inside its key range: φ, c_L, PnL, bad debt and the
+    remainder (q̄' = q̄ ∓ aφ, a' = a(1 − φ)) by hand; the same as 100,000 members each
+    liquidated on its own key; and the JAX `market.liquidate`."""
+    hand = HAND[side]
+    x = hand["x"]
+    b = fresh_crowd(side)
+    assert (b.size, b.notional, b.margin, b.spread, b.count) == pytest.approx(
+        (5.0, 10000.0, 2000.0, 200.0, 1.0)
+    )
+    assert b.mean_key(side) == pytest.approx(hand["key"], rel=1e-15)
+    phi = ref.liquidated_fraction(b, side, x)
+    assert phi == pytest.approx(hand["phi"], rel=1e-14)
+    d, n, c = ref.liquidated_chunk(b, side, x, phi)
+    assert (d, n) == pytest.approx((1.875, 3750.0), rel=1e-14)
+    c_hand = 3750.0 - 1.875 * hand["mu"] if side == ref.LONG else 1.875 * hand["mu"] - 3750.0
+    assert c_hand == 515.625
+    assert c == pytest.approx(c_hand, rel=1e-12)
+    pnl = ref.SIGN[side] * (d * x - n)
+    assert pnl == pytest.approx(-656.25, rel=1e-12)
+
+    # Through the step's path: settle and keep the remainder.
+    st = ref.RefState(0, np.array([x, 1.0]), np.array([100.0, 1e6]), 1.0, [[[], []]])
+    st.book[0][side].append(b)
+    st.book[0][1 - side].append(ref.Bucket())
+    out = ref._Settled()
+    assert ref.liquidate(st, 0, side, 0, x, out, 1) == phi
+    assert out.received == pytest.approx(515.625, rel=1e-12)
+    assert out.bad_debt == pytest.approx(140.625, rel=1e-12)
+    assert out.paid == 0.0
+    assert out.count == pytest.approx(0.375, rel=1e-14)
+    assert out.notional == pytest.approx(1.875 * x, rel=1e-14)
+    np.testing.assert_allclose(st.reserves, [100.0, 1e6 + 515.625], rtol=1e-15)
+    rest = st.book[0][side][0]
+    assert rest.is_open
+    assert (rest.size, rest.notional, rest.margin, rest.count) == pytest.approx(
+        (3.125, 6250.0, 1484.375, 0.625), rel=1e-12
+    )
+    assert rest.spread == pytest.approx(200.0 * (1 - phi), rel=1e-14)
+    assert rest.spread == pytest.approx(125.0, rel=1e-14)
+    assert rest.mean_key(side) == pytest.approx(hand["key"] - ref.SIGN[side] * 200.0 * phi)
+    assert rest.mean_key(side) == pytest.approx(hand["new_key"], rel=1e-12)
+
+    # Brute force: every member on its own key (long: key ≥ x, short: key ≤ x).
+    mem = crowd_members(side)
+    hit = mem["key"] >= x if side == ref.LONG else mem["key"] <= x
+    m_pnl = ref.SIGN[side] * (mem["size"] * x - mem["notional"])
+    m_bad = np.maximum(-(m_pnl + mem["margin"]), 0.0)
+    assert hit.mean() == pytest.approx(phi, rel=1e-4)
+    assert mem["margin"][hit].sum() == pytest.approx(c, rel=1e-4)
+    assert m_pnl[hit].sum() == pytest.approx(pnl, rel=1e-4)
+    assert m_bad[hit].sum() == pytest.approx(out.bad_debt, rel=1e-4)
+    assert np.all(mem["margin"][hit] + m_pnl[hit] <= 1e-9)  # all of them under water
+    kept = mem["key"][~hit]
+    assert kept.mean() == pytest.approx(rest.mean_key(side), rel=1e-4)
+    assert (kept.max() - kept.min()) / 2 == pytest.approx(rest.spread, rel=1e-4)
+    assert mem["margin"][~hit].sum() == pytest.approx(rest.margin, rel=1e-4)
+
+    # The JAX engine on the same bucket.
     with jax.enable_x64(True):
-        book = market.empty_book(2, 2, jnp.float64)
-        reserves = jnp.array([100.0, 1000.0, 1e6])
-        prices = jnp.array([2000.0, 100.0])
-        notional = jnp.full((2, 2), 1000.0)
-        lev = jnp.array([[10.0, 10.000001], [9.0, 50.0]])
-        ok = market.accept_trades(
-            [(notional, lev)], prices, reserves, book, jnp.asarray(10.0), jnp.asarray(0.9)
+        out_j = market.liquidate(jax_book(**one_bucket_book(b, side)), jnp.array([x]))
+    assert float(out_j.received) == pytest.approx(515.625, rel=1e-12)
+    assert float(out_j.bad_debt) == pytest.approx(140.625, rel=1e-12)
+    assert float(out_j.paid) == 0.0
+    assert float(out_j.count) == pytest.approx(0.375, rel=1e-12)
+    assert float(out_j.notional) == pytest.approx(1.875 * x, rel=1e-12)
+    np.testing.assert_allclose(np.asarray(out_j.reserve_change), [0.0, 515.625], rtol=1e-12)
+    after = ref.book_arrays(st)
+    for name in ref.BOOK_FIELDS:
+        got = np.asarray(getattr(out_j.book, name))[0, side, 0]
+        if name == "is_open":
+            assert bool(got) == after[name][0, side, 0]
+        else:
+            assert float(got) == pytest.approx(after[name][0, side, 0], rel=1e-12), name
+
+
+@pytest.mark.parametrize("side", [ref.LONG, ref.SHORT], ids=["long", "short"])
+def test_liquidation_edges(side):
+    """Past the whole key range the bucket closes (μ = q̄, all its margin taken, bad debt
+    δ |q̄ − x|); before it nothing happens; within 1e-6 of the far end φ rounds up to 1."""
+    b = fresh_crowd(side)
+    q, a, sign = 1600.0 if side == 0 else 2400.0, 200.0, ref.SIGN[side]
+    cases = [
+        (q - sign * 300.0, 1.0),  # beyond q̄ ∓ a: everyone
+        (q + sign * 201.0, 0.0),  # short of q̄ ± a: no one
+        (q - sign * a * (1 - 2e-7), 1.0),  # 1 − φ = 1e-7 < 1e-6: rounded up
+        (q - sign * a * (1 - 4e-6), 1.0 - 2e-6),  # 1 − φ = 2e-6: kept
+    ]
+    for x, want in cases:
+        phi = ref.liquidated_fraction(b, side, x)
+        assert phi == pytest.approx(want, rel=1e-9, abs=1e-12), x
+        with jax.enable_x64(True):
+            book = jax_book(**one_bucket_book(b, side))
+            got = float(market.liquidation_fraction(book, jnp.array([x]))[0, side, 0])
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12), x
+    # Everyone: μ = q̄, c_L = c, bad debt δ |q̄ − x| = 5 · 300.
+    x = q - sign * 300.0
+    d, n, c = ref.liquidated_chunk(b, side, x, 1.0)
+    assert (d, n, c) == pytest.approx((5.0, 10000.0, 2000.0), rel=1e-14)
+    st = ref.RefState(0, np.array([x, 1.0]), np.array([100.0, 1e6]), 1.0, [[[], []]])
+    st.book[0][side].append(b)
+    st.book[0][1 - side].append(ref.Bucket())
+    out = ref._Settled()
+    ref.liquidate(st, 0, side, 0, x, out, 1)
+    assert not st.book[0][side][0].is_open
+    assert out.received == pytest.approx(2000.0, rel=1e-14)
+    assert out.bad_debt == pytest.approx(1500.0, rel=1e-12)
+    assert out.count == 1.0
+    # Rounded up: every member is liquidated, so the slot closes with all its margin taken
+    # (μ = q̄, not the formula's (x + q̄ ± a)/2 over the members past x).
+    x = q - sign * a * (1 - 2e-7)
+    st = ref.RefState(0, np.array([x, 1.0]), np.array([100.0, 1e6]), 1.0, [[[], []]])
+    st.book[0][side].append(b)
+    st.book[0][1 - side].append(ref.Bucket())
+    out = ref._Settled()
+    ref.liquidate(st, 0, side, 0, x, out, 1)
+    assert not st.book[0][side][0].is_open
+    assert out.count == 1.0
+    assert out.received == pytest.approx(2000.0, rel=1e-14)
+    assert out.bad_debt == pytest.approx(5.0 * a * (1 - 2e-7), rel=1e-9)
+    # The JAX engine on every case: the same settlement and remainder.
+    for x, _want in cases:
+        st = ref.RefState(0, np.array([x, 1.0]), np.array([100.0, 1e6]), 1.0, [[[], []]])
+        st.book[0][side].append(b)
+        st.book[0][1 - side].append(ref.Bucket())
+        out = ref._Settled()
+        ref.liquidate(st, 0, side, 0, x, out, 1)
+        with jax.enable_x64(True):
+            got = market.liquidate(jax_book(**one_bucket_book(b, side)), jnp.array([x]))
+        for name in ("received", "bad_debt", "count", "notional"):
+            want = getattr(out, name)
+            assert float(getattr(got, name)) == pytest.approx(want, rel=1e-12, abs=1e-12), name
+        assert bool(got.book.is_open[0, side, 0]) == st.book[0][side][0].is_open
+
+
+def test_exits_take_a_fraction_of_every_bucket():
+    """h = 1/mean_holding of every bucket leaves: (hδ, hn, hc) settles at p, the rest scales
+    by 1 − h with a and q̄ unchanged. A long in profit is paid in tokens."""
+    b = fresh_crowd(ref.LONG)  # δ 5, n 10000, c 2000, a 200, q̄ 1600
+    h, price = ref.exit_fraction(4.0), 2100.0
+    assert h == 0.25
+    assert ref.exit_fraction(1.0) == 1.0 and ref.exit_fraction(0.5) == 1.0
+    st = ref.RefState(0, np.array([price, 1.0]), np.array([100.0, 1e6]), 1.0, [[[b], []]])
+    st.book[0][ref.SHORT].append(ref.Bucket())
+    out = ref._Settled()
+    ref.exit_bucket(st, 0, ref.LONG, 0, h, price, out, 1)
+    # π = 1.25 · 2100 − 2500 = 125 > 0: paid 125/2100 tokens; nothing taken, no bad debt.
+    assert out.paid == pytest.approx(125.0, rel=1e-12)
+    assert out.received == pytest.approx(0.0, abs=1e-12) and out.bad_debt == 0.0
+    assert out.count == 0.25
+    np.testing.assert_allclose(st.reserves, [100.0 - 125.0 / 2100.0, 1e6], rtol=1e-15)
+    rest = st.book[0][ref.LONG][0]
+    assert (rest.size, rest.notional, rest.margin, rest.spread, rest.count) == pytest.approx(
+        (3.75, 7500.0, 1500.0, 200.0, 0.75), rel=1e-14
+    )
+    assert rest.mean_key(ref.LONG) == pytest.approx(1600.0, rel=1e-14)
+    with jax.enable_x64(True):
+        out_j = market.leave(
+            jax_book(**one_bucket_book(b, ref.LONG)), jnp.asarray(h), jnp.array([price])
         )
-        np.testing.assert_array_equal(np.asarray(ok.size) > 0, [[True, False], [True, False]])
-        assert float(ok.rejected) == 2.0
-        np.testing.assert_allclose(np.asarray(ok.margin)[:, 0], [100.0, 1000.0 / 9.0])
-        np.testing.assert_allclose(np.asarray(ok.size)[:, 0], [0.5, 10.0])
-    assert ref.collateral_ok(10.0, 10.0) and not ref.collateral_ok(10.000001, 10.0)
+    assert float(out_j.paid) == pytest.approx(125.0, rel=1e-12)
+    assert float(out_j.count) == pytest.approx(0.25, rel=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(out_j.reserve_change), [-125.0 / 2100.0, 0.0], rtol=1e-12, atol=1e-12
+    )
+    for name in ("size", "notional", "margin", "spread", "count"):
+        got = float(np.asarray(getattr(out_j.book, name))[0, 0, 0])
+        assert got == pytest.approx(getattr(rest, name), rel=1e-12), name
 
 
-def test_liquidation_set_on_hand_built_book():
-    """Appendix A's liquidatable sets ℓ_L, ℓ_S on a hand-built book of two markets.
+def test_settlement_of_a_chunk():
+    """taken = c − max(π + c, 0) + gain, bad = max(−(π + c), 0): a loss within the margin, a
+    loss beyond it, a gain, and a gain on a negative margin (charges are uncapped)."""
+    cases = [  # (side, δ, n, c, p) -> (gain, taken, bad)
+        ((ref.LONG, 1.0, 100.0, 30.0, 80.0), (0.0, 20.0, 0.0)),
+        ((ref.SHORT, 1.0, 100.0, 30.0, 150.0), (0.0, 30.0, 20.0)),
+        ((ref.SHORT, 2.0, 200.0, 30.0, 90.0), (20.0, 0.0, 0.0)),
+        ((ref.LONG, 1.0, 100.0, -5.0, 103.0), (3.0, -2.0, 2.0)),
+    ]
+    for (side, d, n, c, p), (gain, taken, bad) in cases:
+        st = ref.RefState(0, np.array([p, 1.0]), np.array([10.0, 1000.0]), 1.0, [])
+        out = ref._Settled()
+        ref.settle_chunk(st, 0, side, d, n, c, p, out, 1)
+        assert (out.paid, out.received, out.bad_debt) == pytest.approx((gain, taken, bad))
+        tokens = gain / p if side == ref.LONG else 0.0
+        cash = taken - (gain if side == ref.SHORT else 0.0)
+        np.testing.assert_allclose(st.reserves, [10.0 - tokens, 1000.0 + cash], rtol=1e-15)
+        # The pool's value moves by −bad: it loses the position's PnL π and gains what it
+        # took less what it paid.
+        pi = ref.SIGN[side] * (d * p - n)
+        assert -gain + taken + pi == pytest.approx(-bad, abs=1e-12)
 
-    Market 0 at p = 1800 (entries 2000): longs lose 200 per token, shorts gain.
-    Market 1 at p = 110 (entries 100): shorts lose 10 per token, longs gain.
+
+def test_merge_rule_hand_computed():
+    """A full book of K = 3 long buckets and a crowd: cost δ_i δ_j/(δ_i + δ_j) ((q̄_i − q̄_j)²
+    + (a_i − a_j)²) over the pairs of (bucket 0, 1, 2, crowd = 3), first minimum in row-major
+    order; the merged spread from the mixture's variance, also against a discretisation."""
+
+    def bucket(d, key, a):  # long: n = 2000 δ, c = n − δ q̄ so that (n − c)/δ = q̄ exactly
+        return ref.Bucket(d, 2000.0 * d, 2000.0 * d - d * key, a, 1.0, True)
+
+    ring = [bucket(1.0, 1000.0, 10.0), bucket(1.0, 1500.0, 10.0), bucket(2.0, 1020.0, 20.0)]
+    near = bucket(1.0, 1490.0, 12.0)
+    # Costs: (0,1) 0.5·500² = 125000, (0,2) ⅔(20² + 10²) = 333.3, (0,3) 0.5(490² + 2²),
+    # (1,2) ⅔(480² + 10²), (1,3) 0.5(10² + 2²) = 52, (2,3) ⅔(470² + 8²): the crowd joins 1.
+    assert ref.merge_cost(ring[1], near, ref.LONG) == pytest.approx(52.0, rel=1e-12)
+    assert ref.merge_cost(ring[0], ring[2], ref.LONG) == pytest.approx(1000.0 / 3, rel=1e-12)
+    assert ref.cheapest_pair(ring, near, ref.LONG) == (1, 3)
+    book = [list(ring)]
+    assert ref.add_crowd(book[0], near, ref.LONG) == (1, 0)
+    m = book[0][1]
+    # δ 2, q̄ 1495; v = (100/3 + 144/3)/2 + 1·1·10²/2² = 40.667 + 25 → a = √(3v) = √197.
+    assert (m.size, m.notional, m.count) == (2.0, 4000.0, 2.0)
+    assert m.mean_key(ref.LONG) == pytest.approx(1495.0, rel=1e-14)
+    assert m.spread == pytest.approx(math.sqrt(197.0), rel=1e-12)
+    assert book[0][0] == ring[0] and book[0][2] == ring[2]
+
+    # A crowd far from every bucket: buckets 0 and 2 merge into slot 0, the crowd takes 2.
+    far = bucket(1.0, 3000.0, 12.0)
+    assert ref.cheapest_pair(ring, far, ref.LONG) == (0, 2)
+    book = [list(ring)]
+    assert ref.add_crowd(book[0], far, ref.LONG) == (1, 1)
+    m = book[0][0]
+    # δ 3, q̄ (1000 + 2·1020)/3; v = (100/3 + 2·400/3)/3 + 1·2·20²/3² = 100 + 88.89.
+    v = (1 * 100 / 3 + 2 * 400 / 3) / 3 + 2 * 400 / 9
+    assert v == pytest.approx(188.8889, rel=1e-6)
+    assert m.mean_key(ref.LONG) == pytest.approx(3040.0 / 3, rel=1e-14)
+    assert m.spread == pytest.approx(math.sqrt(3 * v), rel=1e-12)
+    assert m.spread == pytest.approx(23.8048, rel=1e-5)
+    assert (m.size, m.margin) == (3.0, ring[0].margin + ring[2].margin)
+    assert book[0][1] == ring[1] and book[0][2] == far
+    # Discretised: keys uniform over each bucket in proportion to size.
+    grid = (np.arange(100_000) + 0.5) / 100_000 * 2 - 1
+    keys = np.concatenate([1000.0 + 10.0 * grid, 1020.0 + 20.0 * grid])
+    weights = np.concatenate([np.full(100_000, 1.0), np.full(100_000, 2.0)])
+    mean = np.average(keys, weights=weights)
+    var = np.average((keys - mean) ** 2, weights=weights)
+    assert m.spread == pytest.approx(math.sqrt(3 * var), rel=1e-6)
+
+    # A tie: (0,1) and (0,2) both cost 0.5·10² = 50, and (0,1) comes first.
+    tied = [bucket(1.0, 1000.0, 0.0), bucket(1.0, 1010.0, 0.0), bucket(1.0, 990.0, 0.0)]
+    assert ref.merge_cost(tied[0], tied[1], 0) == ref.merge_cost(tied[0], tied[2], 0) == 50.0
+    assert ref.cheapest_pair(tied, far, ref.LONG) == (0, 1)
+    # A closed slot takes the crowd, whatever the costs.
+    with_gap = [ring[0], ref.Bucket(), ring[2]]
+    assert ref.add_crowd(with_gap, near, ref.LONG) == (0, 0)
+    assert with_gap[1] == near
+
+    # The JAX engine: the same three cases in three markets (K = 3), the crowds on the long
+    # side; and a short mirror (keys reflected: q̄ → 4000 − q̄) in a fourth.
+    def short(b):
+        key = 4000.0 - b.mean_key(ref.LONG)
+        return ref.Bucket(b.size, b.notional, b.size * key - b.notional, b.spread, 1.0, b.is_open)
+
+    books = [list(ring), list(ring), list(tied), [short(b) for b in ring]]
+    crowds = [near, far, far, short(far)]
+    sides = [ref.LONG, ref.LONG, ref.LONG, ref.SHORT]
+    pairs = [ref.cheapest_pair(books[i], crowds[i], sides[i]) for i in range(4)]
+    assert pairs == [(1, 3), (0, 2), (0, 1), (0, 2)]
+    st = ref.RefState(0, np.ones(5), np.ones(5), 1.0, [[[], []] for _ in range(4)])
+    for i in range(4):
+        st.book[i][sides[i]] = books[i]
+        st.book[i][1 - sides[i]] = [ref.Bucket() for _ in range(3)]
+    arrays = ref.book_arrays(st)
+    crowd_fields = {n: np.zeros((4, 2)) for n in ("size", "notional", "margin", "spread", "count")}
+    for i in range(4):
+        for n in crowd_fields:
+            crowd_fields[n][i, sides[i]] = getattr(crowds[i], n)
+    merges = 0
+    for i in range(4):
+        merges += ref.add_crowd(st.book[i][sides[i]], crowds[i], sides[i])[0]
+    want = ref.book_arrays(st)
+    with jax.enable_x64(True):
+        crowd = market.Crowd(**{n: jnp.asarray(v) for n, v in crowd_fields.items()})
+        got, written, merged = market.add_crowd(
+            jax_book(**arrays), crowd, jnp.array([2000.0, 2000.0, 2000.0, 2000.0])
+        )
+    assert float(written) == 4.0 and float(merged) == merges == 4
+    np.testing.assert_array_equal(np.asarray(got.is_open), want["is_open"])
+    for name in ("size", "notional", "margin", "spread", "count"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), want[name], rtol=1e-12)
+
+
+def test_arbitrageur_size_maximises_its_profit():
+    """ℓ* = √(|γ| S L / f) − L maximises ℓ/(L+ℓ) |γ| S − f ℓ (per unit price), capped at
+    eq. 3's size S·ratio − L; the mirror for a short; none when it would not pay."""
+    fee = 1e-4
+    L, S = 100.0, 300.0
+    star = math.sqrt(1e-4 * S * L / fee) - L  # = √30000 − 100 ≈ 73.2
+    assert star == pytest.approx(73.2051, rel=1e-5)
+    assert ref.arbitrage_sizes(L, S, -1e-4, 1.0, fee) == pytest.approx((star, 0.0), rel=1e-14)
+
+    def profit(ell, gamma, payer, own):
+        return ell / (own + ell) * abs(gamma) * payer - fee * ell
+
+    grid = np.linspace(0.0, 200.0, 200_001)  # 0.001 apart
+    best = grid[np.argmax(profit(grid, -1e-4, S, L))]
+    assert abs(best - star) <= 1e-3
+    assert profit(star, -1e-4, S, L) >= profit(grid, -1e-4, S, L).max() - 1e-15
+    # Longs pay: the mirror, s* = √(γ L S / f) − S.
+    assert ref.arbitrage_sizes(S, L, 1e-4, 1.0, fee) == pytest.approx((0.0, star), rel=1e-14)
+    # A large rate: the optimum (≈ 1632) is past eq. 3's size S·ratio − L = 230, where it stops;
+    # the profit still rises there.
+    capped = ref.arbitrage_sizes(L, S, -1e-2, 1.1, fee)
+    assert capped == pytest.approx((230.0, 0.0), rel=1e-14)
+    grid = np.linspace(0.0, 230.0, 23_001)
+    assert grid[np.argmax(profit(grid, -1e-2, S, L))] == 230.0
+    # A small rate: ℓ* = √30 − 100 < 0, no trade; no rate, no trade; no fee: eq. 3's size.
+    assert ref.arbitrage_sizes(L, S, -1e-7, 1.0, fee) == (0.0, 0.0)
+    assert ref.arbitrage_sizes(L, S, 0.0, 1.0, fee) == (0.0, 0.0)
+    assert ref.arbitrage_sizes(L, S, -1e-4, 1.0, 0.0) == (200.0, 0.0)
+
+    with jax.enable_x64(True):
+        sizes = jnp.array([[L, S], [S, L], [L, S], [L, S], [L, S]])
+        gamma = jnp.array([-1e-4, 1e-4, -1e-2, -1e-7, 0.0])
+        p_new = jnp.array([1.0, 1.0, 1.1, 1.0, 1.0])
+        got = market.funding_arbitrage(sizes, gamma, p_new, jnp.ones(5), jnp.asarray(fee))
+    sz, g, p = np.asarray(sizes), np.asarray(gamma), np.asarray(p_new)
+    want = [ref.arbitrage_sizes(sz[i, 0], sz[i, 1], g[i], p[i], fee) for i in range(5)]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+
+
+def test_crowd_acceptance_hand_computed():
+    """Collateral fraction a_c and capacity share a_s, requests in order, shorts of every
+    market sharing the numéraire.
+
+    max_leverage 12.5 (m ≥ 0.08), w = 0.5, max_utilisation 0.5, reserves (10, 1000, 1000):
+    - market 0 long, 1000 at leverage 10: m on [0.05, 0.15], a_c = 0.07/0.1 = 0.7 (m on
+      [0.08, 0.15]); asks 7 tokens of 5: a_s = 5/7; accepted 500 (δ 5, c 500·0.115,
+      a = 100·0.035, count 0.5);
+    - market 0 short, 400 at leverage 5: m on [0.1, 0.3], a_c = 1; 400 of 500 numéraire;
+    - market 1 long, 100 at leverage 20: m on [0.025, 0.075] < 0.08: a_c = 0;
+    - market 1 short, 300 at leverage 4: a_c = 1, 100 numéraire left: a_s = 1/3;
+    - then the arbitrageur, market 0 short 50 at leverage 3: no room, a_s = 0.
+    Rejected: 0.5 + 0 + 1 + 2/3 + 1.
     """
-    size = [
-        [[1.0, 2.0, 10.0, 1.0], [3.0, 1.0, 0.0, 0.0]],
-        [[5.0, 1.0, 0.0, 0.0], [4.0, 2.0, 1.0, 9.0]],
-    ]
-    margin = [
-        # long: loss 200 (==c, liquidated), 400 (<c=500, safe), 2000 (>c=300, bad debt 1700),
-        # closed cohort (would qualify but is not open)
-        [[200.0, 500.0, 300.0, 1.0], [10.0, 10.0, 0.0, 0.0]],
-        # market 1, long gains (safe); shorts lose 40 (c=40, liquidated), 20 (c=25, safe),
-        # 10 (c=5, bad debt 5), 90 (c=100, safe)
-        [[1.0, 1.0, 0.0, 0.0], [40.0, 25.0, 5.0, 100.0]],
-    ]
-    is_open = [
-        [[True, True, True, False], [True, True, False, False]],
-        [[True, True, False, False], [True, True, True, True]],
-    ]
-    entry = [[[2000.0] * 4] * 2, [[100.0] * 4] * 2]
-    prices = np.array([1800.0, 110.0])
-    expected = np.zeros((2, 2, 4), bool)
-    expected[0, 0, 0] = expected[0, 0, 2] = True
-    expected[1, 1, 0] = expected[1, 1, 2] = True
+    prices = np.array([100.0, 50.0, 1.0])
+    reserves = np.array([10.0, 1000.0, 1000.0])
+    demand_n = np.array([[1000.0, 400.0], [100.0, 300.0]])
+    demand_lev = np.array([[10.0, 5.0], [20.0, 4.0]])
+    arb_n = np.array([[0.0, 50.0], [0.0, 0.0]])
+    arb_lev = np.full((2, 2), 3.0)
+    prm = ref.RefParams(
+        **{name: 0.0 for name in ref.RefParams.__dataclass_fields__},
+    )
+    prm.max_leverage, prm.leverage_spread, prm.max_utilisation = 12.5, 0.5, 0.5
+    book = [[[ref.Bucket()], [ref.Bucket()]] for _ in range(2)]
+    events = {k: 0 for k in ref.EVENT_FIELDS}
+
+    def req(n, lev):
+        return {(i, s): (n[i, s], lev[i, s]) for i in range(2) for s in (0, 1)}
+
+    crowds, rejected = ref.accept_requests(
+        [("demand", req(demand_n, demand_lev)), ("arb", req(arb_n, arb_lev))],
+        prices,
+        reserves,
+        book,
+        prm,
+        events,
+    )
+    assert rejected == pytest.approx(0.5 + 1 + 2 / 3 + 1, rel=1e-14)
+    assert events["rejected_collateral"] == pytest.approx(0.3 + 1.0)
+    assert events["rejected_solvency"] == pytest.approx(0.7 * 2 / 7 + 2 / 3 + 1.0)
+    assert events["arb_requests"] == 1 and events["arb_opened"] == 0
+    assert crowds[1, 0] == [] and len(crowds[0, 1]) == 1
+    want = {  # (δ, n, c, a, count)
+        (0, 0): (5.0, 500.0, 500.0 * 0.115, 100.0 * 0.035, 0.5),
+        (0, 1): (4.0, 400.0, 400.0 * 0.2, 100.0 * 0.1, 1.0),
+        (1, 1): (2.0, 100.0, 100.0 * 0.25, 50.0 * 0.125, 1 / 3),
+    }
+    for (i, s), fields in want.items():
+        (b,) = crowds[i, s]
+        got = (b.size, b.notional, b.margin, b.spread, b.count)
+        assert got == pytest.approx(fields, rel=1e-12), (i, s)
+    # Without spread (w = 0) eq. 1 is all or nothing: leverage 10 passes at max 10.
+    assert ref.collateral_fraction(1 / 10.0, 0.0, 1 / 10.0)[0] == 1.0
+    assert ref.collateral_fraction(1 / 10.000001, 0.0, 1 / 10.0)[0] == 0.0
+
     with jax.enable_x64(True):
-        book = market.Book(
-            size=jnp.array(size),
-            entry=jnp.array(entry),
-            margin=jnp.array(margin),
-            leverage=jnp.ones((2, 2, 4)),
-            opened_at=jnp.zeros((2, 2, 4), jnp.int32),
-            is_open=jnp.array(is_open),
+        ok = market.accept_trades(
+            [
+                (jnp.asarray(demand_n), jnp.asarray(demand_lev)),
+                (jnp.asarray(arb_n), jnp.asarray(arb_lev)),
+            ],
+            jnp.asarray(prices[:2]),
+            jnp.asarray(reserves),
+            market.empty_book(2, 1, jnp.float64),
+            jnp.asarray(12.5),
+            jnp.asarray(0.5),
+            jnp.asarray(0.5),
         )
-        mask = np.asarray(market.liquidation_mask(book, jnp.asarray(prices)))
-        np.testing.assert_array_equal(mask, expected)
-        out = market.settle(book, jnp.asarray(mask), jnp.asarray(prices))
-        # The pool takes each liquidated margin; the gap beyond it is bad debt.
-        assert float(out.received) == pytest.approx(200.0 + 300.0 + 40.0 + 5.0)
-        assert float(out.bad_debt) == pytest.approx(1700.0 + 5.0)
-        assert float(out.paid) == 0.0 and float(out.count) == 4.0
-        np.testing.assert_allclose(np.asarray(out.reserve_change), [0.0, 0.0, 545.0])
-        np.testing.assert_array_equal(np.asarray(out.book.is_open), np.array(is_open) & ~expected)
-    got = np.zeros((2, 2, 4), bool)
-    for i in range(2):
-        for s in range(2):
-            for k in range(4):
-                c = ref.Cohort(
-                    size[i][s][k], entry[i][s][k], margin[i][s][k], 1.0, 0, is_open[i][s][k]
-                )
-                got[i, s, k] = ref.is_liquidatable(c, s, prices[i])
-    np.testing.assert_array_equal(got, expected)
+    assert float(ok.rejected) == pytest.approx(rejected, rel=1e-12)
+    demand_crowd, arb_crowd = ok.crowds
+    for name, k in (("size", 0), ("notional", 1), ("margin", 2), ("spread", 3), ("count", 4)):
+        want_arr = np.zeros((2, 2))
+        for key, fields in want.items():
+            want_arr[key] = fields[k]
+        np.testing.assert_allclose(np.asarray(getattr(demand_crowd, name)), want_arr, rtol=1e-12)
+        if name != "spread":  # (a crowd of nothing has no spread to speak of)
+            np.testing.assert_allclose(np.asarray(getattr(arb_crowd, name)), 0.0, atol=1e-12)
+
+
+def test_no_room_left_after_a_binding_cap():
+    """A request that meets a full cap is rejected whole (a_s = 0, nothing written), also
+    when the cap was filled by the request before it: that one accepted exactly the headroom,
+    so what is used is the cap, and cap − used is 0, not a rounding residue.
+
+    256 random pools, one market: demand asks 1.1 to 5 times the long and short caps, then
+    the arbitrageur asks for more of both. The JAX step runs compiled, as in `simulate`.
+    """
+    rng = np.random.default_rng(0)
+    num = 256
+    prices = rng.uniform(100.0, 60000.0, (num, 1))
+    reserves = np.stack([rng.uniform(1.0, 100.0, num), rng.uniform(1e4, 1e6, num)], axis=1)
+    demand = np.zeros((num, 1, 2))
+    demand[:, 0, 0] = 0.3 * reserves[:, 0] * prices[:, 0] * rng.uniform(1.1, 5.0, num)
+    demand[:, 0, 1] = 0.3 * reserves[:, 1] * rng.uniform(1.1, 5.0, num)
+    arb = rng.uniform(1e3, 1e5, (num, 1, 2))
+    lev = np.full((1, 2), 3.0)
+    prm = ref.RefParams(**{name: 0.0 for name in ref.RefParams.__dataclass_fields__})
+    prm.max_leverage, prm.leverage_spread, prm.max_utilisation = 25.0, 0.5, 0.3
+    for k in range(num):
+        crowds, rejected = ref.accept_requests(
+            [
+                ("demand", {(0, s): (demand[k, 0, s], 3.0) for s in (0, 1)}),
+                ("arb", {(0, s): (arb[k, 0, s], 3.0) for s in (0, 1)}),
+            ],
+            np.append(prices[k], 1.0),
+            reserves[k],
+            [[[ref.Bucket()], [ref.Bucket()]]],
+            prm,
+            {name: 0 for name in ref.EVENT_FIELDS},
+        )
+        assert [len(crowds[0, s]) for s in (0, 1)] == [1, 1]  # the demand's, none of the arb's
+        for s in (0, 1):
+            assert crowds[0, s][0].count < 1
+        assert rejected > 2.0  # the arbitrageur's two requests, whole
+
+    def accept(p, r, d, a):
+        out = market.accept_trades(
+            [(d, jnp.asarray(lev)), (a, jnp.asarray(lev))],
+            p,
+            r,
+            market.empty_book(1, 1, p.dtype),
+            jnp.asarray(25.0),
+            jnp.asarray(0.3),
+            jnp.asarray(0.5),
+        )
+        return out.crowds[1].notional, out.crowds[1].count
+
+    with jax.enable_x64(True):
+        notional, count = jax.jit(jax.vmap(accept))(prices, reserves, demand, arb)
+    notional, count = np.asarray(notional), np.asarray(count)
+    leaked = int(np.sum(notional >= market.DUST_NOTIONAL))
+    assert leaked == 0, (
+        f"{leaked} of {2 * num} requests written after a full cap: notional up to "
+        f"{notional.max():.3g}, count up to {count.max():.3g}"
+    )
 
 
 # --------------------------------------------------------------------------- rejections
@@ -415,9 +889,9 @@ def test_liquidation_set_on_hand_built_book():
 
 @pytest.mark.parametrize("reason", ["solvency", "collateral"])
 def test_rejected_trade_changes_nothing_but_the_counter(busy, reason):
-    """A request that breaks solvency (demand far above max_utilisation) or the collateral
-    condition is rejected and counted; the state is otherwise bitwise the one where no
-    demand arrives at all."""
+    """A request that breaks solvency (no room under max_utilisation = 0) or the collateral
+    condition (every member over max_leverage) is rejected whole and counted; the state is
+    otherwise bitwise the one where no demand arrives at all."""
     t = 120
     params = busy["params"]
     with jax.enable_x64(True):
@@ -428,17 +902,19 @@ def test_rejected_trade_changes_nothing_but_the_counter(busy, reason):
         m = params.market
         none = eqx.tree_at(lambda p: p.market.open_rate, params, jnp.zeros_like(m.open_rate))
         none = eqx.tree_at(lambda p: p.market.leverage_vol, none, jnp.zeros_like(m.leverage_vol))
-        if reason == "solvency":  # notional 50× the pool value, far above max_utilisation
-            rate = jnp.full_like(m.open_rate, 50.0)
+        if reason == "solvency":  # no capacity at all: a_s = 0 (the arbitrageur's too)
+            cap = jnp.zeros_like(params.pool.max_utilisation)
+            none = eqx.tree_at(lambda p: p.pool.max_utilisation, none, cap)
+            rate = jnp.full_like(m.open_rate, 0.05)
             bad = eqx.tree_at(lambda p: p.market.open_rate, none, rate)
-        else:  # a small trade at leverage 100 > max_leverage = 25
+        else:  # leverage 100: m on [0.005, 0.015] < 1/25, a_c = 0
             rate = jnp.full_like(m.open_rate, 1e-4)
             bad = eqx.tree_at(lambda p: p.market.open_rate, none, rate)
             bad = eqx.tree_at(lambda p: p.market.leverage, bad, jnp.full_like(m.leverage, 100.0))
         a = to_numpy(busy["step_fn"](s, none, n))
         b = to_numpy(busy["step_fn"](s, bad, n))
     r = busy["spec"].num_risky
-    assert float(b.accounts.rejected) - float(a.accounts.rejected) == 2 * r
+    assert float(b.accounts.rejected) - float(a.accounts.rejected) == pytest.approx(2 * r)
     b_full = b
     b = eqx.tree_at(lambda x: x.accounts.rejected, b, a.accounts.rejected)
     for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True):
@@ -452,8 +928,9 @@ def test_rejected_trade_changes_nothing_but_the_counter(busy, reason):
     rn = ref.noise_from_pdlpjax(to_numpy(n))
     ra = ref.step(st, ref.params_from_pdlpjax(none), busy["rspec"], rn)
     rb = ref.step(st, ref.params_from_pdlpjax(bad), busy["rspec"], rn)
-    assert rb.events[f"rejected_{reason}"] - ra.events[f"rejected_{reason}"] == 2 * r
-    assert rb.accounts["rejected"] - ra.accounts["rejected"] == 2 * r
+    diff = rb.events[f"rejected_{reason}"] - ra.events[f"rejected_{reason}"]
+    assert diff == pytest.approx(2 * r)
+    assert rb.accounts["rejected"] - ra.accounts["rejected"] == pytest.approx(2 * r)
     np.testing.assert_array_equal(rb.reserves, ra.reserves)
     for name, x in ref.book_arrays(rb).items():
         np.testing.assert_array_equal(x, ref.book_arrays(ra)[name])
@@ -470,6 +947,8 @@ def random_config(rng: np.random.Generator, num_pools: int, dtype: str, model: s
         return [float(v) for v in rng.uniform(lo, hi, num_pools)]
 
     lev = u(2.0, 20.0)
+    spread = u(0.0, 0.9)
+    spread[0] = 0.0  # one pool without spread: buckets liquidated whole
     return config_from_dict(
         {
             "market": {
@@ -484,6 +963,7 @@ def random_config(rng: np.random.Generator, num_pools: int, dtype: str, model: s
                 "mean_holding": u(1.0, 30.0),
                 "leverage": lev,
                 "leverage_vol": u(0.0, 1.0),
+                "leverage_spread": spread,
                 "max_leverage": [max(x, 1.0) * 2.0 for x in lev],
                 "momentum": u(-1.0, 1.0),
                 "noise_vol": u(0.0, 1.5),
@@ -542,13 +1022,18 @@ def test_invariants_over_random_configs(dtype, model, K, seed):
     assert np.all(state.pool.reserves >= -tol * scale)
     open_size = np.where(state.book.is_open, state.book.size, 0.0)
     long_tokens = open_size[:, :, 0].sum(-1)
-    short_value = (open_size[:, :, 1] * state.book.entry[:, :, 1]).sum((-1, -2))
+    short_value = np.where(state.book.is_open, state.book.notional, 0.0)[:, :, 1].sum((-1, -2))
     avail = state.pool.reserves - np.concatenate([long_tokens, short_value[:, None]], axis=1)
     assert np.all(avail >= -tol * scale), avail.min()
     assert np.all(state.accounts.identity_error < tol), state.accounts.identity_error.max()
     assert np.all(out.metrics["identity_error"] < tol)
     assert np.all(out.metrics["lp_identity_error"] < tol)
     assert np.all(state.pool.supply > 0) and np.all(rec.share_price > 0)
+    # Open buckets are well formed; counts are crowd-equivalents.
+    live = state.book.is_open
+    assert np.all(state.book.size[live] > 0) and np.all(state.book.notional[live] > 0)
+    assert np.all(state.book.spread[live] >= 0) and np.all(state.book.count[live] > 0)
+    assert np.all(state.accounts.rejected >= 0) and np.all(state.accounts.exits > 0)
     # The runs were not idle.
     assert state.accounts.opened.sum() > 0 and state.accounts.liquidations.sum() > 0
 
