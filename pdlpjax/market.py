@@ -418,6 +418,13 @@ def _fill(ask: Array, headroom: Array) -> Array:
     ) * (ask > 0)
 
 
+def _use(used: Array, ask: Array, share: Array, cap: Array) -> Array:
+    """What is lent after accepting `share` of `ask`: a request cut short leaves the cap
+    exactly full (used + headroom would leave a rounding residue that a later request
+    could take as dust)."""
+    return jnp.where((ask > 0) & (share < 1.0), jnp.maximum(used, cap), used + ask * share)
+
+
 def accept_trades(
     requests: list[tuple[Float[Array, "r 2"], Float[Array, "r 2"]]],
     prices: Float[Array, " r"],
@@ -462,12 +469,12 @@ def accept_trades(
         kept = jnp.where(wants, notional, 0.0) * collateral
         ask_long = kept[:, 0] / prices
         share_long = _fill(ask_long, cap_long - long_used)
-        long_used = long_used + ask_long * share_long
+        long_used = _use(long_used, ask_long, share_long, cap_long)
         shares = []
         for i in range(r):  # shorts share the numéraire: market by market, in order
             ask = kept[i, 1]
             share = _fill(ask, cap_short - short_used)
-            short_used = short_used + ask * share
+            short_used = _use(short_used, ask, share, cap_short)
             shares.append(share)
         share = jnp.stack([share_long, jnp.stack(shares)], axis=1)
         accepted = kept * share
