@@ -206,16 +206,26 @@ def compare(
 
 
 def k_moves(by_k: dict[int, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """Per metric and K: the mean over pools and its relative move from the smallest K."""
+    """Per metric and K: the mean over pools, its relative move from the smallest K, and the
+    standard error of that move's paired difference (same draws, pool by pool)."""
     base_k = min(by_k)
     out = {}
     for name in METRICS:
-        base = float(by_k[base_k][name].mean())
+        base_pools = by_k[base_k][name]
+        base = float(base_pools.mean())
         row = {}
         for k, metrics in sorted(by_k.items()):
+            d = metrics[name] - base_pools
             mean = float(metrics[name].mean())
             move = (mean - base) / abs(base) if base != 0 else (0.0 if mean == 0 else float("inf"))
-            row[str(k)] = {"mean": mean, "rel_move": move, "within_goal": bool(abs(move) <= K_GOAL)}
+            se = float(np.std(d, ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+            row[str(k)] = {
+                "mean": mean,
+                "rel_move": move,
+                "diff": float(d.mean()),
+                "se_paired": se,
+                "within_goal": bool(abs(move) <= K_GOAL),
+            }
         out[name] = row
     return out
 
@@ -238,6 +248,16 @@ def _lscpu() -> dict[str, str]:
     keep = ("Architecture", "Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket")
     rows = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     return {k: rows[k].strip() for k in keep if k in rows}
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+    except OSError:
+        return ""
+    return out.stdout.strip()
 
 
 def run_scenario(name: str, pools: int, steps: int, k_values=K_VALUES) -> dict:
@@ -301,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": _lscpu(),
+        "git_commit": _git_commit(),
         "software": {
             "python": platform.python_version(),
             "jax": jax.__version__,

@@ -537,6 +537,15 @@ def _crowds(
     return a_c, m_lo, m_hi
 
 
+def _use(used: np.ndarray, ask: np.ndarray, share: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """What is lent after accepting `share` of `ask`: used + ask · share, except that a
+    request cut short (share < 1) leaves the cap exactly full, max(used, cap), which is the
+    same in exact arithmetic. used + headroom would leave a rounding residue of about 1e-16 of
+    the cap that the next request would take as a crowd of ~1e-11 numéraire (above
+    `DUST_NOTIONAL`), written or not depending on the last bit."""
+    return np.where((ask > 0) & (share < 1.0), np.maximum(used, cap), used + ask * share)
+
+
 def _arbitrage(
     sizes: np.ndarray, gamma: np.ndarray, pr: np.ndarray, pr_old: np.ndarray, fee: np.ndarray
 ) -> np.ndarray:
@@ -702,12 +711,12 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
             ask = kept[..., 0] / pr
             head = np.maximum(cap_long - long_used, 0.0)
             a_s[..., 0] = np.where(ask > 0, np.clip(head / _safe(ask), 0.0, 1.0), 0.0)
-            long_used = long_used + kept[..., 0] * a_s[..., 0] / pr
+            long_used = _use(long_used, ask, a_s[..., 0], cap_long)
             for i in range(r):  # sequential on purpose: each short uses what the last left
                 ask = kept[:, i, 1]
                 head = np.maximum(cap_short - short_used, 0.0)
                 a_s[:, i, 1] = np.where(ask > 0, np.clip(head / _safe(ask), 0.0, 1.0), 0.0)
-                short_used = short_used + ask * a_s[:, i, 1]
+                short_used = _use(short_used, ask, a_s[:, i, 1], cap_short)
             took = kept * a_s
             n_rejected = n_rejected + np.where(req_notional > 0, 1.0 - a_c * a_s, 0.0).sum((1, 2))
             prc = pr[..., None]

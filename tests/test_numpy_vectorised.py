@@ -23,13 +23,6 @@ from pdlpjax.config import config_from_dict
 
 T = 200
 POOLS = 5
-# Small enough that the rounding noise of a filled capacity, about 2e-16 × the capacity
-# (numéraire), stays below `DUST_NOTIONAL` = 1e-12: in a pool of 1e6 a request that finds the
-# capacity just filled by the one before it is accepted for ~1e-11 (or 0) depending on the last
-# bit of the headroom, and this baseline and the engine (which sum the book in different
-# orders) write such rounding-noise crowds in different steps. Everything else scales with
-# the pool value.
-INITIAL_VALUE = 1000.0
 
 
 def _load_baseline():
@@ -91,7 +84,6 @@ def busy_config(model: str):
                 "crash_intensity": 5.0,
             },
             "pool": {
-                "initial_value": INITIAL_VALUE,
                 "target_weights": [0.2, 0.2, 0.2, 0.4],
                 "fee": [1e-4, 5e-5, 2e-4, 1e-5, 3e-4],
                 "max_utilisation": [0.3, 0.5, 0.9, 0.2, 0.6],
