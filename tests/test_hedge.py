@@ -483,10 +483,8 @@ def test_hedge_accounting_matches_numpy():
     with jax.enable_x64(True):
         params = jtu.tree_map(lambda x: x[0], P.make_params(cfg))
         model, spec = P.make_model(cfg), P.make_spec(cfg)
-        k = spec.num_cohorts
         noise = P.StepNoise(
             path=jnp.asarray(rng.standard_normal((T, 2))),
-            u_exit=jnp.asarray(rng.uniform(size=(T, 2, 2, k))),
             z_demand=jnp.asarray(rng.standard_normal((T, 2, 2))),
             z_leverage=jnp.asarray(rng.standard_normal((T, 2, 2))),
             z_flow=jnp.asarray(rng.standard_normal(T)),

@@ -24,30 +24,34 @@ TINY = [
     "output.record_every=0",
 ]
 
-# A hand-built book of two pools over two risky markets and a numéraire, K = 3 cohorts:
-# market 0 has longs (one closed) and a short; market 1 has longs only (its short side holds
-# a closed cohort), so it cannot be skewed. No shocked price is within 1% of a liquidation
-# price (checked in `_reference`), so float32 rounding cannot flip a liquidation.
+# A hand-built book of two pools over two risky markets and a numéraire, K = 3 buckets, each
+# one position (a bucket without spread, count 1): market 0 has longs (one closed) and a
+# short; market 1 has longs only (its short side holds a closed bucket), so it cannot be
+# skewed. A bucket's notional is size × entry price. No shocked price is within 1% of a
+# liquidation price (checked in `_reference`), so float32 rounding cannot flip a liquidation.
 SIZE = [[[2.0, 1.0, 3.0], [1.5, 0.0, 0.0]], [[20.0, 0.0, 0.0], [4.0, 0.0, 0.0]]]
 ENTRY = [[[95.0, 110.0, 100.0], [105.0, 0.0, 0.0]], [[10.0, 0.0, 0.0], [11.0, 0.0, 0.0]]]
 MARGIN = [[[40.0, 22.0, 10.0], [30.0, 0.0, 0.0]], [[40.0, 0.0, 0.0], [5.0, 0.0, 0.0]]]
 OPEN = [[[True, True, False], [True, False, False]], [[True, False, False], [False] * 3]]
+# Key half-widths for the skew test only (the grid test's reference needs spread 0).
+SPREAD = [[[4.0, 2.5, 1.0], [3.0, 0.0, 0.0]], [[0.5, 0.0, 0.0], [0.25, 0.0, 0.0]]]
 PRICES = [[100.0, 10.0, 1.0], [120.0, 9.0, 1.0]]
 RESERVES = [[50.0, 400.0, 300.0], [40.0, 500.0, 2000.0]]
 SHOCKS = [-0.5, -0.3, -0.1, 0.0, 0.2, 0.35]
 SKEWS = [math.nan, -0.5, 0.0, 0.7]
 
 
-def _hand_state():
+def _hand_state(spread=None):
     size = np.array([SIZE, SIZE], np.float32)
     entry = np.array([ENTRY, ENTRY], np.float32)
     margin = np.array([MARGIN, MARGIN], np.float32)
+    spread = np.zeros_like(size) if spread is None else np.array([spread, spread], np.float32)
     book = Book(
         size=jnp.asarray(size),
-        entry=jnp.asarray(entry),
+        notional=jnp.asarray(size * entry),
         margin=jnp.asarray(margin),
-        leverage=jnp.asarray(size * entry / np.where(margin > 0, margin, 1.0)),
-        opened_at=jnp.zeros(size.shape, jnp.int32),
+        spread=jnp.asarray(spread),
+        count=jnp.asarray(np.where(size > 0, 1.0, 0.0).astype(np.float32)),
         is_open=jnp.asarray(np.array([OPEN, OPEN])),
     )
     pool = PoolState(
@@ -65,9 +69,16 @@ def _hand_state():
 
 
 def _reference(pool: int, shock: float, skew: float, asset: int | None):
-    """One cell by plain loops over cohorts, in float64."""
+    """One cell by plain loops over buckets, in float64. Every bucket has spread 0, so the
+    liquidation rule takes a bucket whole when its equity sign (δ p − n) + c ≤ 0, else none
+    of it."""
     size = [[list(map(float, c)) for c in side] for side in SIZE]
+    notional = [
+        [[d * p0 for d, p0 in zip(dc, pc, strict=True)] for dc, pc in zip(ds, ps, strict=True)]
+        for ds, ps in zip(SIZE, ENTRY, strict=True)
+    ]
     margin = [[list(map(float, c)) for c in side] for side in MARGIN]
+    count = [[[1.0 if d > 0 else 0.0 for d in c] for c in side] for side in SIZE]
     prices = list(PRICES[pool])
     reserves = RESERVES[pool]
     for m in range(2):
@@ -80,31 +91,31 @@ def _reference(pool: int, shock: float, skew: float, asset: int | None):
             continue
         total = sides[0] + sides[1]
         targets = [(1 + skew) / 2 * total, (1 - skew) / 2 * total]
-        for s in range(2):
+        for s in range(2):  # size, notional, margin and count scale together
             a = targets[s] / sides[s]
-            size[m][s] = [x * a for x in size[m][s]]
-            margin[m][s] = [x * a for x in margin[m][s]]
-    pnl = count = liq = bad = 0.0
+            for field in (size, notional, margin, count):
+                field[m][s] = [x * a for x in field[m][s]]
+    pnl = liquidated = liq = bad = 0.0
     long_tokens, short_value = [0.0, 0.0], 0.0
     for m in range(2):
         for s, sign in ((0, 1.0), (1, -1.0)):
             for j in range(3):
                 if not OPEN[m][s][j]:
                     continue
-                d, p0, c = size[m][s][j], ENTRY[m][s][j], margin[m][s][j]
+                d, n, c = size[m][s][j], notional[m][s][j], margin[m][s][j]
                 if s == 0:
                     long_tokens[m] += d
                 else:
-                    short_value += d * p0
-                pi = sign * d * (prices[m] - p0)
-                assert abs(-pi - c) > 1e-2 * c, "test book too close to a liquidation price"
+                    short_value += n
+                pi = sign * (d * prices[m] - n)
+                assert abs(pi + c) > 1e-2 * c, "test book too close to a liquidation price"
                 pnl += pi
-                if -pi >= c:
-                    count += 1
+                if pi + c <= 0:  # the whole bucket goes
+                    liquidated += count[m][s][j]
                     liq += d * prices[m]
-                    bad += max(-pi - c, 0.0)
+                    bad += max(-(pi + c), 0.0)
     over = long_tokens[0] > reserves[0] or long_tokens[1] > reserves[1] or short_value > reserves[2]
-    return pnl / value, count, liq / value, bad / value, value, over
+    return pnl / value, liquidated, liq / value, bad / value, value, over
 
 
 @pytest.mark.parametrize("asset", [None, 1])
@@ -117,7 +128,9 @@ def test_grid_matches_a_loop_over_cohorts(asset):
             for p in range(2):
                 ratio, count, liq, bad, value, over = _reference(p, s, k, asset)
                 assert float(grid.pnl_ratio[i, j, p]) == pytest.approx(ratio, rel=1e-5, abs=1e-7)
-                assert float(grid.liquidated_count[i, j, p]) == count
+                assert float(grid.liquidated_count[i, j, p]) == pytest.approx(
+                    count, rel=1e-6, abs=0.0
+                )
                 assert float(grid.liquidated_value[i, j, p]) == pytest.approx(liq, rel=1e-5)
                 assert float(grid.bad_debt[i, j, p]) == pytest.approx(bad, rel=1e-5, abs=1e-8)
                 assert float(grid.pool_value[i, p]) == pytest.approx(value, rel=1e-6)
@@ -132,8 +145,10 @@ def test_grid_matches_a_loop_over_cohorts(asset):
 
 
 def test_skew_keeps_total_sets_ratio_and_leverage():
-    state = _hand_state()
+    state = _hand_state(spread=SPREAD)
     book = jax_tree_index(state.book, 0)
+    fields = ("size", "notional", "margin", "spread", "count", "is_open")
+    open_ = np.asarray(OPEN)
     for k in (-0.8, -0.3, 0.0, 0.45, 0.8):
         out, skewable = skew_book(book, jnp.float32(k))
         size0 = np.where(OPEN, np.asarray(book.size), 0.0)
@@ -142,19 +157,26 @@ def test_skew_keeps_total_sets_ratio_and_leverage():
         # market 0 (both sides open): L + S kept (notional: one price per market), skew = k
         assert after[0].sum() == pytest.approx(before[0].sum(), rel=1e-6)
         assert (after[0, 0] - after[0, 1]) / after[0].sum() == pytest.approx(k, abs=1e-6)
+        assert not np.allclose(size1[0], size0[0])  # the skew did rescale market 0
         # market 1 (no open short): untouched
-        np.testing.assert_array_equal(np.asarray(out.size)[1], np.asarray(book.size)[1])
-        np.testing.assert_array_equal(np.asarray(out.margin)[1], np.asarray(book.margin)[1])
+        for name in fields:
+            np.testing.assert_array_equal(
+                np.asarray(getattr(out, name))[1], np.asarray(getattr(book, name))[1]
+            )
         assert np.asarray(skewable).tolist() == [True, False]
-        # leverage δ p0 / c and entry prices kept; the leverage field is not touched
-        open_ = np.asarray(OPEN)
-        lev0 = size0 * np.asarray(book.entry) / np.where(open_, np.asarray(book.margin), 1.0)
-        lev1 = size1 * np.asarray(out.entry) / np.where(open_, np.asarray(out.margin), 1.0)
-        np.testing.assert_allclose(lev1[open_], lev0[open_], rtol=1e-6)
-        np.testing.assert_array_equal(np.asarray(out.entry), np.asarray(book.entry))
-        np.testing.assert_array_equal(np.asarray(out.leverage), np.asarray(book.leverage))
+        # entry prices n/δ, margin fractions c/n (so leverage and the mean keys), and counts
+        # per token kept; the keys' spread and the open flags are not touched
+        for num, den in (("notional", "size"), ("margin", "notional"), ("count", "size")):
+            r0 = np.asarray(getattr(book, num))[open_] / np.asarray(getattr(book, den))[open_]
+            r1 = np.asarray(getattr(out, num))[open_] / np.asarray(getattr(out, den))[open_]
+            np.testing.assert_allclose(r1, r0, rtol=1e-6, err_msg=f"{num}/{den}")
+        np.testing.assert_array_equal(np.asarray(out.spread), np.asarray(book.spread))
+        np.testing.assert_array_equal(np.asarray(out.is_open), np.asarray(book.is_open))
     same, _ = skew_book(book, jnp.float32(math.nan))  # NaN: as simulated
-    np.testing.assert_array_equal(np.asarray(same.size), np.asarray(book.size))
+    for name in fields:
+        np.testing.assert_array_equal(
+            np.asarray(getattr(same, name)), np.asarray(getattr(book, name))
+        )
 
 
 def jax_tree_index(tree, i):
@@ -184,15 +206,15 @@ def tiny_final_state():
 
 
 def _ratio_numpy(state) -> np.ndarray:
-    """Σ sign δ (p − p0) over open cohorts ÷ pᵀR per pool, in float64 NumPy."""
+    """Σ sign (δ p − n) over open buckets ÷ pᵀR per pool, in float64 NumPy."""
     size = np.asarray(state.book.size, float)
-    entry = np.asarray(state.book.entry, float)
+    notional = np.asarray(state.book.notional, float)
     is_open = np.asarray(state.book.is_open)
     prices = np.asarray(state.pool.prices, float)
     reserves = np.asarray(state.pool.reserves, float)
     r = size.shape[1]
     sign = np.array([1.0, -1.0])[None, None, :, None]
-    pnl = np.where(is_open, sign * size * (prices[:, :r, None, None] - entry), 0.0)
+    pnl = np.where(is_open, sign * (size * prices[:, :r, None, None] - notional), 0.0)
     return pnl.sum((1, 2, 3)) / (prices * reserves).sum(1)
 
 

@@ -87,17 +87,31 @@ def _raw(**sections) -> dict:
             "market.cohorts, market.leverage, pool.fee",
             'pool.mode = "passive"',
         ),
-        (
-            {"simulation": {"temperature": 0.5}},
-            "simulation.temperature",
-            "simulation.smooth = false",
-        ),
     ],
 )
 def test_ignored_keys_are_named(sections, keys, why):
     cfg = config_from_dict(_raw(**sections))
     assert cfg.warnings == (f"{keys}: set but ignored with {why}",)
     assert sanity.config_warnings(cfg)[0] == cfg.warnings[0]
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("smooth", True), ("smooth", False), ("temperature", 0.5), ("temperature", 0.05)],
+)
+def test_removed_relaxation_keys_are_refused(tmp_path, key, value):
+    """`simulation.smooth` and `simulation.temperature` went with the relaxed book: setting
+    either (to any value, in the file or with --set) is an error that says so, not a
+    silently ignored key."""
+    with pytest.raises(ConfigError, match=rf"^simulation\.{key}: removed: ") as err:
+        config_from_dict(_raw(simulation={key: value}))
+    assert "delete the key" in str(err.value)
+    path = tmp_path / "c.toml"
+    path.write_text('[market]\nassets = ["BTC"]\n')
+    text = str(value).lower()
+    with pytest.raises(ConfigError, match=rf"^simulation\.{key}: removed: "):
+        load_config(path, [f"simulation.{key}={text}"])
+    assert load_config(path).warnings == ()  # the file alone is fine
 
 
 def test_ignored_keys_with_the_bootstrap(tmp_path):
