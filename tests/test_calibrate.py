@@ -801,15 +801,25 @@ def test_transform_range_outside_field_range_errors(param):
         config_from_dict(_raw_with(param))
 
 
-def test_smooth_funding_arbitrage_gradient_is_finite_in_float32():
-    """An empty book gives the smooth arbitrageur a zero scale; its floor must not square
-    to zero in float32 (it once made every float32 smooth calibration stop at step 0)."""
+@pytest.mark.parametrize("long_size,short_size,gamma", [(0.0, 0.0, 0.0), (10.0, 30.0, -1e-4)])
+def test_funding_arbitrage_gradient_is_finite_in_float32(long_size, short_size, gamma):
+    """The arbitrageur's profit-maximising size √(|γ|SL/f) − L: its fee gradient is finite in
+    float32 on an empty book (the √ is taken only where its argument is positive) and equals
+    the closed form −½√(|γ|SL) f^(−3/2) where it trades."""
     from pdlpjax.market import funding_arbitrage
 
-    sizes, gamma = jnp.zeros((1, 2), jnp.float32), jnp.zeros((1,), jnp.float32)
+    sizes = jnp.array([[long_size, short_size]], jnp.float32)
+    gamma = jnp.array([gamma], jnp.float32)
     p_new, p_old = jnp.array([101.0], jnp.float32), jnp.array([100.0], jnp.float32)
 
     def total(fee):
-        return funding_arbitrage(sizes, gamma, p_new, p_old, fee, 0.5).sum()
+        return funding_arbitrage(sizes, gamma, p_new, p_old, fee).sum()
 
-    assert np.isfinite(float(jax.grad(total)(jnp.float32(5e-5))))
+    fee = jnp.float32(5e-5)
+    g = float(jax.grad(total)(fee))
+    assert np.isfinite(g)
+    size = float(total(fee))
+    if size > 0:
+        expected = -0.5 * np.sqrt(abs(float(gamma[0])) * short_size * long_size) * 5e-5**-1.5
+        assert size == pytest.approx(np.sqrt(1e-4 * 300 / 5e-5) - 10.0, rel=1e-5)
+        assert g == pytest.approx(expected, rel=1e-4)
