@@ -5,22 +5,22 @@ against the pool, moves when prices jump and when the open interest is lopsided.
 module computes that view from the book a config's own simulation ends with:
 
 1. **Starting book.** The config is simulated as `pdlpjax run` would (`simulate`), and every
-   pool's *final* state (reserves, prices, open cohorts) is the starting book. There is no
+   pool's *final* state (reserves, prices, open buckets) is the starting book. There is no
    burn-in option yet: the "pool after its warm-up" is the state after
    `simulation.num_steps` steps from an empty book. Pools masked after breaking a guard are
    left out.
 2. **Grid.** A price shock s (a fraction: −0.5 is −50%) multiplies every risky price by
    1 + s at once (a common factor), or one asset's only (`asset`); the numéraire stays at 1.
    An open-interest skew k rescales each market's open book so that (L − S)/(L + S) = k in
-   notional while L + S is kept: every cohort of a side has its size *and* margin scaled by
-   that side's factor (entry prices and leverage are kept). A market with an empty side
-   cannot be skewed and is left as it is (counted). k = NaN means "as simulated" (no
+   notional while L + S is kept: every bucket of a side has its size, notional, margin and
+   count scaled by that side's factor (entry prices and leverage are kept). A market with an
+   empty side cannot be skewed and is left as it is (counted). k = NaN means "as simulated" (no
    rescaling); the command puts that row first, labelled `sim`.
 3. **Each cell** shocks the prices instantaneously (reserves unchanged) and reports per pool
    - `pnl_ratio`: net unrealised trader PnL (traders' view, `market.unrealised_pnl`) ÷ pool
      value pᵀR at the shocked prices (`pool.pool_value`): GMX's PnL-to-pool-value factor,
      here for the whole book against the whole pool. Positive: traders win, the pool owes.
-     It is marked before liquidations, every open cohort at the shocked price;
+     It is marked before liquidations, every open bucket at the shocked price;
    - `liquidated_count`: crowd-equivalents liquidated (`market.liquidate`: the members whose
      liquidation prices the shock reaches);
    - `liquidated_value`: their notional δ·p at the shocked prices ÷ pool value;
@@ -87,7 +87,7 @@ class StressGrid(eqx.Module):
     """
 
     pnl_ratio: Float[Array, "s k p"]  # net unrealised trader PnL / pᵀR
-    liquidated_count: Float[Array, "s k p"]  # cohorts meeting the liquidation condition
+    liquidated_count: Float[Array, "s k p"]  # crowd-equivalents liquidated
     liquidated_value: Float[Array, "s k p"]  # their notional δ·p / pᵀR
     bad_debt: Float[Array, "s k p"]  # losses past their margins / pᵀR
     pool_value: Float[Array, "s p"]  # pᵀR at the shocked prices
@@ -99,9 +99,10 @@ def skew_book(book: Book, skew: Float[Array, ""]) -> tuple[Book, Bool[Array, " r
     """Rescale one pool's open book so that every market's (L − S)/(L + S) equals `skew`.
 
     L and S are the open sizes of the two sides (in tokens, so in notional too: both sides of
-    a market share its price); L + S is kept. Each side's cohorts have `size` and `margin`
-    multiplied by the side's factor, so entry prices and leverage are unchanged. A market
-    with an empty side is left as it is, and so is every market when `skew` is NaN.
+    a market share its price); L + S is kept. Each side's buckets have `size`, `notional`,
+    `margin` and `count` multiplied by the side's factor, so entry prices and leverage are
+    unchanged. A market with an empty side is left as it is, and so is every market when
+    `skew` is NaN.
     **Returns:** the book `(r, 2, K)` and whether each market could be skewed `(r,)`.
     """
     sizes = side_sizes(book)  # (r, 2)
@@ -282,8 +283,8 @@ _PLOTS = (
     (
         "liquidated_positions_mean",
         1.0,
-        "liquidated cohorts per pool",
-        "liquidated cohorts per pool, mean",
+        "liquidated crowds per pool",
+        "liquidated crowds per pool, mean",
     ),
     ("adl_share", 100.0, "pools over the ADL threshold, %", "pools over the ADL threshold (%)"),
 )
@@ -327,7 +328,7 @@ def stress_test(
 
     Writes into `out_dir` (default `runs/<name>-stress-<time>`, or `output.dir`):
     `stress.csv` (one row per shock × skew cell: mean and 95th percentile over pools of the
-    PnL ratio, bad debt and liquidated notional, both ÷ pool value; mean liquidated cohorts;
+    PnL ratio, bad debt and liquidated notional, both ÷ pool value; mean liquidated crowds;
     the share of pools over the ADL threshold; the share whose skewed book reserves more than
     the pool holds), `stress.json` (grid, settings, the starting book's summary, config hash),
     `config.toml` and, with `output.plots`, `stress_<column>.png` heatmaps over (shock, skew).
@@ -405,7 +406,8 @@ def stress_test(
             "asset": asset,
             "shock_meaning": "risky prices times 1 + shock, instantaneous; reserves and the "
             "numéraire unchanged",
-            "skew_meaning": "per market, sizes and margins of each side rescaled so that "
+            "skew_meaning": "per market, sizes, notionals, margins and counts of each side "
+            "rescaled so that "
             "(L - S)/(L + S) = skew in notional with L + S kept (leverage and entry prices "
             "kept); 'sim' = the book as simulated; markets with an empty side are left as "
             "they are",
@@ -426,9 +428,9 @@ def stress_test(
         "columns": {
             "pnl_ratio_*": "trader PnL / pool value (fraction), mean and 95th percentile "
             "over pools",
-            "bad_debt_*": "bad debt of the liquidated cohorts / pool value (fraction)",
-            "liquidated_value_*": "notional delta*p of the liquidated cohorts / pool value",
-            "liquidated_positions_mean": "liquidated cohorts per pool",
+            "bad_debt_*": "bad debt of the liquidated members / pool value (fraction)",
+            "liquidated_value_*": "notional delta*p of the liquidated members / pool value",
+            "liquidated_positions_mean": "liquidated crowds per pool",
             "adl_share": "share of pools with pnl_ratio > adl_threshold",
             "over_reserved_share": "share of pools whose rescaled book reserves more than "
             "the pool holds (a hypothetical book)",
