@@ -23,7 +23,7 @@ p(1 + m)) are uniform. A bucket holds size δ (tokens), entry notional n = Σ δ
 the half-width a of its members' keys (taken as uniform on [q̄ − a, q̄ + a], mean key
 q̄ = (n ∓ c)/δ), a count (crowd-equivalents) and an open flag. Liquidations close the
 fraction of members whose key the price crossed; funding and fees are charged per unit of
-size, uncapped; a fixed fraction 1/mean_holding of every bucket exits each step.
+size, at most a bucket's margin; a fixed fraction 1/mean_holding of every bucket exits each step.
 - merge mode (default): K slots per (market, side). A crowd takes the first closed slot;
   with all K open, the pair of the K buckets and the crowd with the least
   cost(i, j) = δ_i δ_j / (δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²) merges (moments kept).
@@ -618,7 +618,7 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         )
 
         # 3. Funding γ = κ (L/S − p/p0), clipped, zero when a side is empty; γ > 0 longs pay
-        # |γ| δ p per bucket (not capped at its margin), shared by the receivers pro rata.
+        # |γ| δ p per bucket (at most its margin), shared by the receivers pro rata.
         sizes = book.size.sum(-1)  # (P, r, 2)
         long_size, short_size = sizes[..., 0], sizes[..., 1]
         both = (long_size > 0) & (short_size > 0)
@@ -629,7 +629,8 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         payer = np.where(gamma > 0, 0, 1)[..., None, None]  # (P, r, 1, 1)
         side = np.arange(2)[:, None]
         is_payer = side == payer
-        paid = np.where(is_payer, _b(np.abs(gamma)) * book.size * xb, 0.0)
+        owed = _b(np.abs(gamma)) * book.size * xb
+        paid = np.where(is_payer, np.minimum(owed, np.maximum(book.margin, 0.0)), 0.0)
         recv = np.where(is_payer, 0.0, book.size)
         recv_size = recv.sum((2, 3))
         has_recv = recv_size > 0
@@ -641,7 +642,7 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
 
         # 4. Lending fee f on what each bucket borrows (long δ p, short n), from its margin.
         borrowed = np.concatenate([book.size[:, :, :1] * xb, book.notional[:, :, 1:]], axis=2)
-        due = _b(prm.fee) * borrowed
+        due = np.minimum(_b(prm.fee) * borrowed, np.maximum(margin, 0.0))
         book = dataclasses.replace(book, margin=margin - due)
         fees = due.sum((1, 2, 3))
         reserves = reserves + np.concatenate([np.zeros_like(x), fees[:, None]], axis=1)

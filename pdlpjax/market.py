@@ -100,7 +100,7 @@ class Book(eqx.Module):
 
     size: Float[Array, "r 2 k"]  # δ, tokens
     notional: Float[Array, "r 2 k"]  # n = Σ δ p0, numéraire
-    margin: Float[Array, "r 2 k"]  # c, numéraire (charges are not capped: may dip below 0)
+    margin: Float[Array, "r 2 k"]  # c, numéraire
     spread: Float[Array, "r 2 k"]  # a: keys uniform on [q̄ − a, q̄ + a], price units
     count: Float[Array, "r 2 k"]  # crowd-equivalents (1 per crowd, shrinking as it leaves)
     is_open: Bool[Array, "r 2 k"]
@@ -293,9 +293,10 @@ def pay_funding(
 ) -> tuple[Book, Float[Array, ""]]:
     """Pay funding between the sides of each market, pro rata (Appendix A step 3).
 
-    Each bucket of the paying side pays |γ| δ p from its margin (not capped: a member whose
-    margin runs out is liquidated at the next price, and any shortfall is bad debt then); the
-    receiving side shares what was paid in proportion to size. Zero-sum between traders.
+    Each bucket of the paying side pays |γ| δ p from its margin, at most the margin; the
+    receiving side shares what was paid in proportion to size. Zero-sum between traders: the
+    pool never pays funding. (The cap binds only when one step's funding exceeds a bucket's
+    whole margin, |γ| > c/(δ p): never at the quickstart's cap of 0.1% a step.)
     **Returns:** the book with updated margins, and the total paid.
     """
     payer = jnp.where(gamma > 0, 0, 1)  # side index that pays, per market
@@ -305,7 +306,8 @@ def pay_funding(
     recv_size = fixed_sum(jnp.where(is_receiver, book.size, 0.0), axis=(1, 2))
     # No receiver: nothing is paid (funding_rate already returns 0 then).
     rate = jnp.where(recv_size > 0, jnp.abs(gamma), 0.0)
-    paid = jnp.where(is_payer, rate[:, None, None] * book.size * prices[:, None, None], 0.0)
+    owed = rate[:, None, None] * book.size * prices[:, None, None]
+    paid = jnp.where(is_payer, jnp.minimum(owed, jnp.maximum(book.margin, 0.0)), 0.0)
     total = fixed_sum(paid, axis=(1, 2))  # per market
     per_token = total / _safe(recv_size, recv_size > 0)
     received = jnp.where(is_receiver, book.size * per_token[:, None, None], 0.0)
@@ -319,11 +321,11 @@ def charge_fees(
     """Lending fee f per period on what each position borrows, paid from its margin (§2.2).
 
     Borrowed value: a long's reserved tokens at the current price (δ p), a short's reserved
-    numéraire (n). Not capped at the margin (see `pay_funding`).
+    numéraire (n), at most the margin (see `pay_funding`).
     **Returns:** the book with updated margins, and the fees collected by the pool.
     """
     borrowed = jnp.stack([book.size[:, 0] * prices[:, None], book.notional[:, 1]], axis=1)
-    due = _open(book, fee * borrowed)
+    due = _open(book, jnp.minimum(fee * borrowed, jnp.maximum(book.margin, 0.0)))
     return eqx.tree_at(lambda b: b.margin, book, book.margin - due), fixed_sum(due)
 
 

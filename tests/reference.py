@@ -13,9 +13,10 @@ follows the position book's specification ("crowd buckets", book v2), the docstr
    (taken), pays any gain and absorbs max(−(π + c), 0) as bad debt. The remainder keeps
    δ, n, count times 1 − φ, margin c − c_L and half-width a(1 − φ).
 3. Funding: γ = clip(κ (L/S − p_t/p_{t−1}), ±cap), zero when a side is empty; γ > 0 longs
-   pay, γ < 0 shorts pay; each paying bucket pays |γ| δ p (uncapped, margins may go
-   negative); receivers share the market's total pro rata by size.
-4. Lending fee: f · borrowed per bucket (long: δ p, short: n), uncapped, to the numéraire.
+   pay, γ < 0 shorts pay; each paying bucket pays |γ| δ p, at most its margin; receivers
+   share the market's total pro rata by size.
+4. Lending fee: f · borrowed per bucket (long: δ p, short: n), at most its margin, to the
+   numéraire.
 5. LP flow: φ = drift dt + vol √dt z of AUM; deposits at target weights, withdrawals from the
    available reserves R^A (capped at 99% of their value); shares at the share price.
 6. Exits: the fraction h = clip(1/mean_holding, 0, 1) of every open bucket leaves and settles
@@ -88,7 +89,7 @@ EVENT_FIELDS = (
     "bad_debt_events",
     "funding_payments",  # (market, step) pairs where a nonzero amount of funding changed hands
     "fee_payments",
-    "negative_margins",  # buckets whose margin went below zero (charges are uncapped)
+    "negative_margins",  # buckets whose margin went below zero
     "exits",  # bucket-steps with a fraction leaving
     "merged",  # merges (crowd into a bucket, or two buckets to make room for the crowd)
     "pair_merges",  # of which two old buckets merged and the crowd took a slot of its own
@@ -530,7 +531,7 @@ def arbitrage_sizes(L: float, S: float, gamma: float, ratio: float, fee: float):
 
 def pay_funding(market: list, gamma: float, price: float) -> float:
     """Funding of one market (eq. 2): every open bucket of the paying side (γ > 0 longs,
-    γ < 0 shorts) pays |γ| δ p from its margin, not capped at it; the receiving side's open
+    γ < 0 shorts) pays |γ| δ p from its margin, at most the margin; the receiving side's open
     buckets share the total in proportion to δ. No receiver: nothing is paid.
     `market` is `book[i]` (two rings). **Returns:** the total paid."""
     if gamma == 0.0:
@@ -543,7 +544,7 @@ def pay_funding(market: list, gamma: float, price: float) -> float:
     total = 0.0
     for b in market[payer]:
         if b.is_open:
-            pay = abs(gamma) * b.size * price
+            pay = min(abs(gamma) * b.size * price, max(b.margin, 0.0))
             b.margin -= pay
             total += pay
     for b in market[receiver]:
@@ -553,11 +554,11 @@ def pay_funding(market: list, gamma: float, price: float) -> float:
 
 
 def charge_fee(b: Bucket, side: int, price: float, fee: float) -> float:
-    """Lending fee f on what an open bucket borrows (long δ p, short n), from its margin, not
-    capped at it. **Returns:** the fee (0 for a closed slot)."""
+    """Lending fee f on what an open bucket borrows (long δ p, short n), from its margin, at
+    most the margin. **Returns:** the fee (0 for a closed slot)."""
     if not b.is_open:
         return 0.0
-    due = fee * (b.size * price if side == LONG else b.notional)
+    due = min(fee * (b.size * price if side == LONG else b.notional), max(b.margin, 0.0))
     b.margin -= due
     return due
 
@@ -815,7 +816,7 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
         st.events["full_liquidations"] += liq.closed
         st.events["bad_debt_events"] += int(liq.bad_debt > 0)
 
-        # 3. Funding between the sides, on what survived; uncapped by the margins.
+        # 3. Funding between the sides, on what survived; at most each payer's margin.
         gammas = []
         for i in range(r):
             L, S = side_size(st.book, i, LONG), side_size(st.book, i, SHORT)
@@ -825,7 +826,7 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
             funding_total += total
             st.events["funding_payments"] += int(total > 0)
 
-        # 4. Lending fee on what each bucket borrows (long δ p, short n), uncapped.
+        # 4. Lending fee on what each bucket borrows (long δ p, short n), at most its margin.
         for i, s, _k, b in buckets(st.book):
             due = charge_fee(b, s, p_new[i], prm.fee)
             fees += due

@@ -308,7 +308,7 @@ def test_funding_rate_worked_example():
             3 * kappa, rel=1e-15
         )
         # Longs pay: one long bucket of 1000 and one short of 250. The long's margin (1000)
-        # is below what it owes (6000): the payment is not capped, the margin goes negative.
+        # is below what it owes (6000): it pays its whole margin, and the short gets that.
         fields = dict(
             size=[[[1000.0], [250.0]]],
             notional=[[[2e6], [5e5]]],
@@ -318,19 +318,24 @@ def test_funding_rate_worked_example():
             is_open=[[[True], [True]]],
         )
         book, paid = market.pay_funding(jax_book(**fields), gamma, jnp.array([2000.0]))
+        np.testing.assert_allclose(float(paid), 1000.0, rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(book.margin)[0, :, 0], [0.0, 1e6 + 1000.0])
+        # With margin to spare (10,000), the whole 6000 owed is paid.
+        rich = dict(fields, margin=[[[1e4], [1e6]]])
+        book, paid = market.pay_funding(jax_book(**rich), gamma, jnp.array([2000.0]))
         np.testing.assert_allclose(float(paid), owed, rtol=1e-12)
         np.testing.assert_allclose(
-            np.asarray(book.margin)[0, :, 0], [1000.0 - owed, 1e6 + owed], rtol=1e-12
+            np.asarray(book.margin)[0, :, 0], [1e4 - owed, 1e6 + owed], rtol=1e-12
         )
     st = ref.RefState(0, np.zeros(2), np.zeros(2), 1.0, [[[ref.Bucket()], [ref.Bucket()]]])
     ref.set_book(st, {k: np.asarray(v) for k, v in fields.items()})
-    assert ref.pay_funding(st.book[0], 3 * kappa, 2000.0) == pytest.approx(owed, rel=1e-15)
-    assert st.book[0][ref.LONG][0].margin == pytest.approx(1000.0 - owed, rel=1e-15)
-    assert st.book[0][ref.SHORT][0].margin == pytest.approx(1e6 + owed, rel=1e-15)
+    assert ref.pay_funding(st.book[0], 3 * kappa, 2000.0) == pytest.approx(1000.0, rel=1e-15)
+    assert st.book[0][ref.LONG][0].margin == 0.0
+    assert st.book[0][ref.SHORT][0].margin == pytest.approx(1e6 + 1000.0, rel=1e-15)
 
 
-def test_lending_fee_is_uncapped():
-    """Fee f on the borrowed value, long f δ p, short f n, from margins that may go negative."""
+def test_lending_fee_is_capped_at_the_margin():
+    """Fee f on the borrowed value, long f δ p, short f n, from the margin, at most all of it."""
     fee, price = 0.01, 2500.0
     fields = dict(
         size=[[[4.0], [4.0]]],
@@ -340,17 +345,17 @@ def test_lending_fee_is_uncapped():
         count=[[[1.0], [1.0]]],
         is_open=[[[True], [True]]],
     )
-    want_due = [fee * 4.0 * price, fee * 8000.0]  # 100 (more than the long's 50), 80
+    want_due = [50.0, fee * 8000.0]  # f δ p = 100 is more than the long's 50; 80
     with jax.enable_x64(True):
         book, due = market.charge_fees(jax_book(**fields), jnp.array([price]), jnp.asarray(fee))
         np.testing.assert_allclose(float(due), sum(want_due), rtol=1e-14)
-        np.testing.assert_allclose(np.asarray(book.margin)[0, :, 0], [-50.0, 1920.0], rtol=1e-14)
+        np.testing.assert_allclose(np.asarray(book.margin)[0, :, 0], [0.0, 1920.0], rtol=1e-14)
     st = ref.RefState(0, np.zeros(2), np.zeros(2), 1.0, [[[ref.Bucket()], [ref.Bucket()]]])
     ref.set_book(st, {k: np.asarray(v) for k, v in fields.items()})
     for s in (ref.LONG, ref.SHORT):
         b = st.book[0][s][0]
         assert ref.charge_fee(b, s, price, fee) == pytest.approx(want_due[s], rel=1e-15)
-    assert [st.book[0][s][0].margin for s in (0, 1)] == pytest.approx([-50.0, 1920.0])
+    assert [st.book[0][s][0].margin for s in (0, 1)] == pytest.approx([0.0, 1920.0])
 
 
 def test_liquidation_worked_example():
@@ -596,7 +601,8 @@ def test_exits_take_a_fraction_of_every_bucket():
 
 def test_settlement_of_a_chunk():
     """taken = c − max(π + c, 0) + gain, bad = max(−(π + c), 0): a loss within the margin, a
-    loss beyond it, a gain, and a gain on a negative margin (charges are uncapped)."""
+    loss beyond it, a gain, and a gain on a negative margin (which a partial liquidation of
+    a merged bucket can leave)."""
     cases = [  # (side, δ, n, c, p) -> (gain, taken, bad)
         ((ref.LONG, 1.0, 100.0, 30.0, 80.0), (0.0, 20.0, 0.0)),
         ((ref.SHORT, 1.0, 100.0, 30.0, 150.0), (0.0, 30.0, 20.0)),
