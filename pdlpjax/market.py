@@ -254,8 +254,8 @@ def liquidate(book: Book, prices: Float[Array, " r"]) -> Settlement:
     mu = jnp.stack([long_mu[:, 0], short_mu[:, 1]], axis=1)
     size, notional = book.size * frac, book.notional * frac
     margin = SIGN[None, :, None] * (notional - size * mu)
-    # Buckets without spread, or closed whole, give their own margin (μ's formula is exact
-    # there too, but a whole bucket's margin is known without rounding).
+    # A bucket closed whole gives its whole margin: where φ was rounded up to 1 the formula
+    # would use the price and leave a sliver of margin behind. Without spread it is the same.
     margin = jnp.where((frac >= 1.0) | (a <= 0), book.margin * frac, margin)
     return _close(book, frac, margin, a * (1.0 - frac), prices)
 
