@@ -23,7 +23,8 @@ p(1 + m)) are uniform. A bucket holds size δ (tokens), entry notional n = Σ δ
 the half-width a of its members' keys (taken as uniform on [q̄ − a, q̄ + a], mean key
 q̄ = (n ∓ c)/δ), a count (crowd-equivalents) and an open flag. Liquidations close the
 fraction of members whose key the price crossed; funding and fees are charged per unit of
-size, at most a bucket's margin; a fixed fraction 1/mean_holding of every bucket exits each step.
+size (funding at most a bucket's margin, fees uncapped); a fixed fraction 1/mean_holding of
+every bucket exits each step.
 - merge mode (default): K slots per (market, side). A crowd takes the first closed slot;
   with all K open, the pair of the K buckets and the crowd with the least
   cost(i, j) = δ_i δ_j / (δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²) merges (moments kept).
@@ -132,6 +133,10 @@ class NpSpec:
     mode: str = "pdlp"  # pdlp | passive
     rebalance: bool = False
     per_trade: bool = False
+    # Lending fees at most the bucket's margin max(c, 0). The spec (§Step order 3) charges
+    # them uncapped (False); the engine caps them since commit 648a9c6, which the JAX
+    # comparison in tests/test_numpy_vectorised.py matches with True.
+    cap_fees: bool = False
 
     @property
     def dt(self) -> float:
@@ -642,7 +647,9 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
 
         # 4. Lending fee f on what each bucket borrows (long δ p, short n), from its margin.
         borrowed = np.concatenate([book.size[:, :, :1] * xb, book.notional[:, :, 1:]], axis=2)
-        due = np.minimum(_b(prm.fee) * borrowed, np.maximum(margin, 0.0))
+        due = _b(prm.fee) * borrowed  # not capped at the margin (spec §Step order 3) ...
+        if spec.cap_fees:  # ... unless asked to, as the engine does
+            due = np.minimum(due, np.maximum(margin, 0.0))
         book = dataclasses.replace(book, margin=margin - due)
         fees = due.sum((1, 2, 3))
         reserves = reserves + np.concatenate([np.zeros_like(x), fees[:, None]], axis=1)
