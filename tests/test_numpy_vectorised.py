@@ -186,6 +186,36 @@ def test_engine_charges_fees_as_the_spec():
     _run_both("gbm", 10, cap_fees=False)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="where φ is rounded up to 1 (1 − φ < 1e-6) the engine settles the bucket's whole "
+    "margin c (market.liquidate); book_spec.md §Step order 1 gives c_L = n_L − δ_L μ with μ "
+    "from the price, leaving c − c_L (≤ 1e-6 δ a) behind when the slot closes",
+)
+def test_engine_liquidates_a_rounded_up_bucket_as_the_spec():
+    """A long bucket (δ 1, n 100, c 10: q̄ = 90, a = 5) at the price where φ = 1 − 5e-7:
+    φ becomes 1; the spec's chunk margin is 100 − μ = 9.9999975, so bad debt 4.9999975."""
+    from pdlpjax.market import Book, liquidate
+
+    x = 95.0 - 10.0 * (1.0 - 5e-7)
+    phi, d_l, n_l, c_l = nv.liquidate(1.0, 100.0, 10.0, 5.0, True, x, np.array(1.0))
+    assert phi == 1.0 and c_l == pytest.approx(10.0 - 2.5e-6, abs=1e-9)
+    pi = d_l * x - n_l
+    spec_bad = max(-(pi + c_l), 0.0)
+    with jax.enable_x64(True):
+        one = np.ones((1, 2, 1))
+        book = Book(
+            size=one,
+            notional=100.0 * one,
+            margin=10.0 * one,
+            spread=5.0 * one,
+            count=one,
+            is_open=np.array([[[True], [False]]]),
+        )
+        got = liquidate(jax.tree_util.tree_map(jax.numpy.asarray, book), jax.numpy.array([x]))
+        assert float(got.bad_debt) == pytest.approx(spec_bad, rel=1e-12)
+
+
 def _numpy_setup(model: str = "gbm", seed: int = 1):
     """The busy pools' NumPy spec and params, and NumPy-drawn noise for T steps."""
     cfg = busy_config(model)
