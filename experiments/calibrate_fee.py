@@ -7,17 +7,17 @@ position against the number of positions. The script
 
 1. fits the fee f (per step) by gradient: `pdlpjax.calibrate_config` with the config's
    `[calibrate]` (plain LP, objective "sharpe", sigmoid transform onto (lo, hi), Adam, fresh
-   markets each step) in smooth mode (`[simulation] smooth = true`, temperature 0.5; exact
-   mode's pathwise fee gradient misses the jumps of trade acceptance, liquidations and the
-   funding arbitrageur). Each extra fee elasticity (`--elasticities`) is one more problem of
-   the same fit. The same fit with the certainty-equivalent objective gives f_grad(CE);
-2. runs a grid search in *exact* mode: `pdlpjax.run_sweep` over the config's `[sweep]` fee
-   grid × elasticities, every fee on the same markets (common random numbers), so the
-   Sharpe ratios of two fees are compared pool by pool;
+   markets each step), on the model that is reported: the crowd-bucket book makes every
+   event continuous in the fee, so the pathwise gradient needs no relaxation (until
+   2026-12 this fit ran in a smooth mode, now removed). Each extra fee elasticity
+   (`--elasticities`) is one more problem of the same fit. The same fit with the
+   certainty-equivalent objective gives f_grad(CE);
+2. runs a grid search: `pdlpjax.run_sweep` over the config's `[sweep]` fee grid ×
+   elasticities, every fee on the same markets (common random numbers), so the Sharpe
+   ratios of two fees are compared pool by pool;
 3. evaluates, on held-out markets (a seed neither the fit nor the grid used, so the grid's
-   winner is not scored on the markets that picked it), the exact-mode Sharpe at f_grad and
-   at f_grid (paired), and the same pools in smooth mode: the smooth-vs-exact bias of the
-   objective at the fitted fee;
+   winner is not scored on the markets that picked it), the Sharpe at f_grad and at f_grid,
+   paired market by market;
 4. evaluates the paper's fee bounds (eqs. 4-5, §2.3) at the config's κ and typical hourly
    price moves, as printed and in consistent units.
 
@@ -27,8 +27,9 @@ from the grid optimum), `summary.json`, `sharpe_vs_fee.png`, `findings.md`, `con
 and the subfolders `calibration/` (and `calibration_ce/`) from `calibrate_config` and
 `grid/` from `run_sweep`.
 
-Everything runs in float64: in float32 the smooth funding arbitrageur's fee gradient is NaN
-on an empty book (reported as a pdlpjax bug; see findings.md).
+Everything runs in float64 (the config's dtype), kept for comparability with the earlier
+smooth-mode runs (chosen when float32 smooth-mode gradients were NaN on an empty book); the
+fit also runs in float32 now.
 
 Usage:
     python experiments/calibrate_fee.py [CONFIG] [--out DIR] [--quick] [--set section.key=v]
@@ -104,7 +105,7 @@ def fit_fee(
     """Fit the fee per elasticity with `calibrate_config` into `out`.
 
     **Returns:** `{"folder", "wall_seconds", "fits": {elasticity: {"f_grad", "f_init",
-    "validation_smooth", "validation_smooth_initial", "last_iterates"}}}`.
+    "validation", "validation_initial", "last_iterates"}}}`.
 
     Several elasticities become a grid of the config, i.e. independent problems of one fit
     (one compile, vmapped); the fitted values are read back from its summary.json and the
@@ -133,8 +134,8 @@ def fit_fee(
         result[float(e)] = {
             "f_grad": prob["fitted"]["pool.fee"],
             "f_init": prob["initial"]["pool.fee"],
-            "validation_smooth": prob["validation"],
-            "validation_smooth_initial": prob["validation_initial"],
+            "validation": prob["validation"],
+            "validation_initial": prob["validation_initial"],
             "last_iterates": {
                 "n": int(tail.size),
                 "mean": float(tail.mean()),
@@ -149,7 +150,7 @@ def fit_fee(
 
 
 def grid_search(path: str, overrides: list[str], elasticities: list[float], out: Path) -> dict:
-    """Exact-mode sweep over the config's fee grid × elasticities with common random numbers.
+    """Sweep over the config's fee grid × elasticities with common random numbers.
 
     **Returns:** `{"fees", "elasticities", "metrics": {(e, fee): {metric: per-pool array}},
     "folder", "wall_seconds"}`; replicate j of every cell is the same market.
@@ -162,8 +163,7 @@ def grid_search(path: str, overrides: list[str], elasticities: list[float], out:
     params = f'{{ "pool.fee" = {_list(fees)}, "market.fee_elasticity" = {_list(elasticities)} }}'
     cfg = pdlpjax.load_config(
         path,
-        overrides
-        + ["simulation.smooth=false", f"simulation.seed={seed}", f"sweep.params={params}"],
+        overrides + [f"simulation.seed={seed}", f"sweep.params={params}"],
     )
     folder = pdlpjax.run_sweep(cfg, out, quiet=False)
     summary = json.loads((folder / "summary.json").read_text())
@@ -258,16 +258,14 @@ def evaluate(
     overrides: list[str],
     cells: list[tuple[float, float]],
     reps: int,
-    smooth: bool,
     batch: int,
 ) -> dict[tuple[float, float], dict]:
     """Per-pool metrics of each (elasticity, fee) cell on `reps` held-out markets.
 
-    Pool i·reps + j is cell i on market j (draw index j), so any two cells, and the same
-    cell in exact and smooth mode, are paired market by market. The pools run through
-    `pdlpjax.simulate` in batches of `batch` pools (the last padded by repeating its last
-    pool): with the grid sweep's batch size the exact-mode run reuses the sweep's compiled
-    program instead of compiling its own.
+    Pool i·reps + j is cell i on market j (draw index j), so any two cells are paired market
+    by market. The pools run through `pdlpjax.simulate` in batches of `batch` pools (the last
+    padded by repeating its last pool): with the grid sweep's batch size the run reuses the
+    sweep's compiled program instead of compiling its own.
     """
     fees = [f for _, f in cells for _ in range(reps)]
     elas = [e for e, _ in cells for _ in range(reps)]
@@ -280,7 +278,6 @@ def evaluate(
             path,
             overrides
             + [
-                f"simulation.smooth={'true' if smooth else 'false'}",
                 f"simulation.num_pools={batch}",
                 f"pool.fee={_list(fees[lo:hi] + fees[hi - 1 : hi] * pad)}",
                 f"market.fee_elasticity={_list(elas[lo:hi] + elas[hi - 1 : hi] * pad)}",
@@ -414,7 +411,7 @@ def plot(path: Path, rows: list[dict], result: dict) -> None:
         [r["sharpe_lo"] for r in mine],
         [r["sharpe_hi"] for r in mine],
         alpha=0.25,
-        label="grid, exact mode: 95% interval",
+        label="grid: 95% interval",
     )
     ax.plot(x, y, "o-", ms=3, lw=1, label="grid mean Sharpe")
     ax.axvline(fit["f_grad"], color="C3", lw=1.5, label=f"f_grad = {fmt_fee(fit['f_grad'])}")
@@ -507,14 +504,14 @@ def findings(result: dict) -> str:
         "",
         f"{result['num_steps']} hourly steps; plain LP; fee elasticity {base:g} (demand × "
         f"exp(−{base:g}·f·{spy:g})). Fit: Adam, {result['calibrate']['steps']} steps × "
-        f"{result['calibrate']['batch_pools']} fresh markets, smooth mode (temperature "
-        f"{result['temperature']:g}), sigmoid onto ({fmt_fee(result['fee_lo'])}, "
+        f"{result['calibrate']['batch_pools']} fresh markets, pathwise gradient of the "
+        f"reported model (no relaxation), sigmoid onto ({fmt_fee(result['fee_lo'])}, "
         f"{fmt_fee(result['fee_hi'])}). Grid: {len(fees)} fees from {fmt_fee(fees[0])} to "
-        f"{fmt_fee(fees[-1])} × {result['grid_replicates']} markets (common random numbers), "
-        f"exact mode. Held-out check: {result['eval_pools']} further markets. "
+        f"{fmt_fee(fees[-1])} × {result['grid_replicates']} markets (common random numbers). "
+        f"Held-out check: {result['eval_pools']} further markets. "
         f"Wall {result['wall_seconds']:.0f} s ({result['device']}, {result['created']}).",
         "",
-        "## Headline (exact mode unless said otherwise)",
+        "## Headline",
         "",
         f"- **f_grad = {fmt_fee(fit['f_grad'])}** per hour ({fit['f_grad'] * spy:.1%} a year "
         f"on borrowed value; from {fmt_fee(fit['f_init'])}); the last "
@@ -529,20 +526,14 @@ def findings(result: dict) -> str:
         f"the curve: Sharpe(f) − Sharpe(f_grid) is "
         + " and ".join(f"{_diff(x['minus_best'])} at f = {fmt_fee(x['fee'])}" for x in edges)
         + f", and the fees not worse than f_grid by the paired interval are {paired}.",
-        f"- Held-out markets, exact mode: Sharpe at f_grad {fmt_num(ev['grad']['mean'])} "
+        f"- Held-out markets: Sharpe at f_grad {fmt_num(ev['grad']['mean'])} "
         f"{_ci(ev['grad'])}, at f_grid {fmt_num(ev['grid']['mean'])} {_ci(ev['grid'])}; "
         f"paired difference f_grad − f_grid {_diff(ev['grad_minus_grid'])} (unpaired "
         f"interval {_ci({'ci95': ev['grad_minus_grid']['unpaired_ci95']}, fmt_diff)}).",
-        f"- Smooth-vs-exact bias of the objective at f_grad (same held-out markets): smooth "
-        f"{fmt_num(ev['grad_smooth']['mean'])} vs exact {fmt_num(ev['grad']['mean'])}, "
-        f"paired bias smooth − exact {_diff(ev['bias_at_grad'])}; at f_grid "
-        f"{_diff(ev['bias_at_grid'])}. The bias is nearly the same at both fees, so it shifts "
-        f"the objective more than it moves its optimum: in smooth mode f_grad − f_grid is "
-        f"{_diff(ev['grad_minus_grid_smooth'])}.",
-        f"- The fit's own validation (smooth mode, {result['calibrate']['validation_pools']} "
-        f"markets): {fmt_num(fit['validation_smooth']['mean'])} "
-        f"{_ci(fit['validation_smooth'])}, at the initial fee "
-        f"{fmt_num(fit['validation_smooth_initial']['mean'])}.",
+        f"- The fit's own validation ({result['calibrate']['validation_pools']} "
+        f"markets): {fmt_num(fit['validation']['mean'])} "
+        f"{_ci(fit['validation'])}, at the initial fee "
+        f"{fmt_num(fit['validation_initial']['mean'])}.",
     ]
     ce = result["fits"].get("certainty_equivalent", {}).get(base)
     lines.append(
@@ -550,11 +541,10 @@ def findings(result: dict) -> str:
         f"annualised): grid optimum {fmt_fee(opt['f_grid_ce'])} (CE "
         f"{fmt_num(opt['ce']['mean'])} {_ci(opt['ce'])})"
         + (
-            f"; gradient fit {fmt_fee(ce['f_grad'])}; held-out exact CE at it "
+            f"; gradient fit {fmt_fee(ce['f_grad'])}; held-out CE at it "
             f"{fmt_num(result['heldout_ce']['grad']['mean'])} vs at the CE grid optimum "
             f"{fmt_num(result['heldout_ce']['grid']['mean'])}, paired difference "
-            f"{_diff(result['heldout_ce']['grad_minus_grid'])}; smooth − exact CE at f_grad "
-            f"{_diff(result['heldout_ce']['bias_at_grad'])}."
+            f"{_diff(result['heldout_ce']['grad_minus_grid'])}."
             if ce is not None
             else " (no gradient fit for it in this run: --no-ce or --quick)."
         )
@@ -565,8 +555,8 @@ def findings(result: dict) -> str:
             "",
             "## Other fee elasticities",
             "",
-            "| elasticity | f_grad | f_grid | grid Sharpe at f_grid | held-out f_grad − "
-            "f_grid (paired) | smooth − exact at f_grad |",
+            "| elasticity | f_grad | f_grid | grid Sharpe at f_grid | held-out Sharpe at "
+            "f_grad | held-out f_grad − f_grid (paired) |",
             "|---|---|---|---|---|---|",
         ]
         for e in result["elasticities"]:
@@ -574,7 +564,8 @@ def findings(result: dict) -> str:
             lines.append(
                 f"| {e:g} | {fmt_fee(fe['f_grad'])} | {fmt_fee(oe['f_grid'])} | "
                 f"{fmt_num(oe['sharpe']['mean'])} {_ci(oe['sharpe'])} | "
-                f"{_diff(ee['grad_minus_grid'])} | {_diff(ee['bias_at_grad'])} |"
+                f"{fmt_num(ee['grad']['mean'])} {_ci(ee['grad'])} | "
+                f"{_diff(ee['grad_minus_grid'])} |"
             )
         lines += [
             "",
@@ -626,10 +617,11 @@ def findings(result: dict) -> str:
         f"the arbitrageur: {need}. So the Sharpe-optimal fee is "
         + ("above" if f > f_hi else "inside")
         + " the paper's interval [eq. 5, eq. 4] = [0, κ(1 − 1/B)] for typical moves, by a "
-        f"factor of {f / f_hi:.0f}. The simulation's arbitrageur uses the same gate for "
-        "L ≠ S (`market.funding_arbitrage`): with shorts paying it opens a long only if "
-        "f ≤ κ(1 − L·p0/(S·p)) < κ; with longs paying a short only if f ≤ (p/p0)·γ, "
-        "γ = κ(L/S − p/p0) up to the funding cap, i.e. on long-heavy books (L/S ≳ 1 + f/κ). "
+        f"factor of {f / f_hi:.0f}. The simulation's arbitrageur (`market.funding_arbitrage`) "
+        "opens its profit-maximising size, which is positive only where f·L < |γ|·S with "
+        "shorts paying (a long) or f·S < γ·L with longs paying (a short), γ = κ(L/S − p/p0) "
+        "up to the funding cap: at L = S eq. 4's marginal form f < κ(B − 1), otherwise only "
+        "on books skewed by ≳ f/κ (short-heavy for a long, long-heavy for a short). "
         "Eq. 5's lower bound binds only for a pool with a swap curve: the Uniswap-v2 column "
         "exceeds eq. 4 by orders of magnitude, so for such a pool the paper's interval is "
         "empty at these open interests.",
@@ -638,11 +630,9 @@ def findings(result: dict) -> str:
         "",
         "- Each pool's Sharpe over a short horizon is noisy (sd ≈ √(steps per year / steps) "
         "per pool); compare fees by the paired intervals, not the per-fee ones.",
-        "- Smooth mode changes the model (fractional acceptance, liquidation and arbitrage); "
-        "every reported Sharpe is exact mode except the fit's validation and the bias line.",
-        "- pdlpjax bug: in float32 the smooth funding arbitrageur's fee gradient is NaN on an "
-        "empty book (`market.funding_arbitrage` floors its scale at 1e-30, whose square "
-        "underflows), so `calibrate` fails at step 0; this experiment runs in float64.",
+        "- The fit, the grid and the held-out check run the same model, the one reported "
+        "(the smooth mode of earlier runs is gone). Float64 is kept for comparability with "
+        "those runs.",
         "- pdlpjax bug: `sweep_config` ignores a grid of the base config in a section the sweep "
         "does not touch (e.g. `market.fee_elasticity = {grid = ...}` with a sweep over "
         "`pool.fee`): the run gets fewer pools than combinations × replicates. Here both keys "
@@ -669,10 +659,8 @@ def run(
     """The whole experiment; writes the results folder and returns the summary."""
     t0 = time.perf_counter()
     cfg = pdlpjax.load_config(path, overrides)
-    if not (cfg.simulation.smooth and "pool.fee" in (cfg.calibrate.params or {})):
-        raise pdlpjax.ConfigError(
-            "calibrate_fee: the config needs [simulation] smooth = true and a free pool.fee"
-        )
+    if "pool.fee" not in (cfg.calibrate.params or {}):
+        raise pdlpjax.ConfigError("calibrate_fee: the config needs a free pool.fee")
     base = float(cfg.market.fee_elasticity)
     elas = [base] + [float(e) for e in elasticities if float(e) != base]
     free = cfg.calibrate.params["pool.fee"]
@@ -706,34 +694,25 @@ def run(
             (base, optima[base]["f_grid_ce"]),
         ]
     batch = grid["batch_pools"]
-    exact = evaluate(path, overrides, cells, eval_pools, smooth=False, batch=batch)
-    smooth = evaluate(path, overrides, cells, eval_pools, smooth=True, batch=batch)
+    held = evaluate(path, overrides, cells, eval_pools, batch=batch)
     timings["heldout"] = time.perf_counter() - t1
     heldout = {}
     for i, e in enumerate(elas):
         g, d = cells[2 * i], cells[2 * i + 1]
         heldout[e] = {
-            "grad": pdlpjax.mean_ci(exact[g]["sharpe"]),
-            "grid": pdlpjax.mean_ci(exact[d]["sharpe"]),
-            "grad_smooth": pdlpjax.mean_ci(smooth[g]["sharpe"]),
-            "grid_smooth": pdlpjax.mean_ci(smooth[d]["sharpe"]),
-            "grad_minus_grid": pdlpjax.paired_difference(exact[g]["sharpe"], exact[d]["sharpe"]),
-            "grad_minus_grid_smooth": pdlpjax.paired_difference(
-                smooth[g]["sharpe"], smooth[d]["sharpe"]
-            ),
-            "bias_at_grad": pdlpjax.paired_difference(smooth[g]["sharpe"], exact[g]["sharpe"]),
-            "bias_at_grid": pdlpjax.paired_difference(smooth[d]["sharpe"], exact[d]["sharpe"]),
+            "grad": pdlpjax.mean_ci(held[g]["sharpe"]),
+            "grid": pdlpjax.mean_ci(held[d]["sharpe"]),
+            "grad_minus_grid": pdlpjax.paired_difference(held[g]["sharpe"], held[d]["sharpe"]),
         }
     heldout_ce = None
     if with_ce:
         ra = cfg.calibrate.ce_risk_aversion
         g, d = cells[-2], cells[-1]
-        ce_g, ce_d = certainty_equivalent(exact[g], ra), certainty_equivalent(exact[d], ra)
+        ce_g, ce_d = certainty_equivalent(held[g], ra), certainty_equivalent(held[d], ra)
         heldout_ce = {
             "grad": pdlpjax.mean_ci(ce_g),
             "grid": pdlpjax.mean_ci(ce_d),
             "grad_minus_grid": pdlpjax.paired_difference(ce_g, ce_d),
-            "bias_at_grad": pdlpjax.paired_difference(certainty_equivalent(smooth[g], ra), ce_g),
         }
 
     oi = next(
@@ -748,7 +727,6 @@ def run(
         "elasticities": elas,
         "num_steps": cfg.simulation.num_steps,
         "steps_per_year": cfg.simulation.steps_per_year,
-        "temperature": cfg.simulation.temperature,
         "dtype": cfg.simulation.dtype,
         "fee_lo": free.lo,
         "fee_hi": free.hi,
