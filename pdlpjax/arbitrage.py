@@ -89,9 +89,13 @@ def _projected_ascent(
     dtype = x0.dtype
     v0 = objective(x0)
     if step_size is None:
-        hess = jax.hessian(objective)(x0)
-        curv = jnp.sqrt(fixed_sum(hess * hess))
-        eta = jnp.where(jnp.isfinite(curv) & (curv > 0), 1.0 / curv, 1.0).astype(dtype)
+        # The step size is the solver's setting, not part of the trade it finds: no gradient
+        # flows through it. (Through 1/√(Σ H²) a zero Hessian made every gradient NaN,
+        # 0 · inf in the backward pass, even where the value was guarded.)
+        hess = lax.stop_gradient(jax.hessian(objective)(x0))
+        sq = fixed_sum(hess * hess)
+        ok = jnp.isfinite(sq) & (sq > 0)
+        eta = jnp.where(ok, 1.0 / jnp.sqrt(jnp.where(ok, sq, 1.0)), 1.0).astype(dtype)
     else:
         eta = jnp.asarray(step_size, dtype)
     scales = jnp.asarray(_STEP_SCALES, dtype)

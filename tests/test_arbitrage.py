@@ -350,3 +350,22 @@ def test_claim_3_4_fails_for_small_discounts_and_holds_at_F_equal_1():
     assert bool(small.holds_corrected)
     # at F = 1: Δ = R/2 − (9/4)fR + fℓ = (0.5 − 0.0225 + 0.005)R ≤ 0.49R
     assert bool(one.hypotheses) and bool(one.holds) and bool(one.holds_corrected)
+
+
+def test_ascent_gradient_is_finite_when_the_hessian_is_zero():
+    """A linear objective has a zero Hessian, so the initial step 1/‖∇²‖ falls back to 1. Its
+    gradient once came out NaN (0 · inf through the guarded 1/√(Σ H²)), which made every
+    pathwise gradient of a pool with a discount NaN. The step size carries no gradient now:
+    the trade's derivative is the projection's, here d(θ·x*)/dθ with x* = the box's corner."""
+    from pdlpjax.arbitrage import _projected_ascent
+
+    def value(theta):
+        objective = lambda x: theta * jnp.sum(x)  # noqa: E731
+        project = lambda x: jnp.clip(x, 0.0, 1.0)  # noqa: E731
+        x, v, _ = _projected_ascent(objective, project, jnp.full(2, 0.5), 8, None)
+        return v
+
+    with jax.enable_x64(True):
+        g = jax.grad(value)(jnp.asarray(0.3))
+    assert np.isfinite(float(g))
+    assert float(g) == pytest.approx(2.0)
