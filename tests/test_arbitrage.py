@@ -353,16 +353,16 @@ def test_claim_3_4_fails_for_small_discounts_and_holds_at_F_equal_1():
 
 
 def test_ascent_gradient_is_finite_when_the_hessian_is_zero():
-    """A linear objective has a zero Hessian, so the initial step 1/‖∇²‖ falls back to 1. Its
-    gradient once came out NaN (0 · inf through the guarded 1/√(Σ H²)), which made every
-    pathwise gradient of a pool with a discount NaN. The step size carries no gradient now:
-    the trade's derivative is the projection's, here d(θ·x*)/dθ with x* = the box's corner."""
+    """θ·Σx³ + Σx has a zero Hessian at x = 0 (6θx), so the initial step 1/‖∇²‖ falls back
+    to 1. Its gradient once came out NaN (0 · inf through the guarded 1/√(Σ H²)), which made
+    every pathwise gradient of a pool with a discount NaN. The step size carries no gradient
+    now: the value at the box's corner x* = (1, 1) is 2θ + 2, so d/dθ = 2."""
     from pdlpjax.arbitrage import _projected_ascent
 
     def value(theta):
-        objective = lambda x: theta * jnp.sum(x)  # noqa: E731
+        objective = lambda x: theta * jnp.sum(x**3) + jnp.sum(x)  # noqa: E731
         project = lambda x: jnp.clip(x, 0.0, 1.0)  # noqa: E731
-        x, v, _ = _projected_ascent(objective, project, jnp.full(2, 0.5), 8, None)
+        x, v, _ = _projected_ascent(objective, project, jnp.zeros(2), 8, None)
         return v
 
     with jax.enable_x64(True):
