@@ -13,7 +13,8 @@ On the throughput benchmark's scenarios (`throughput.scenario`: *matched* and *f
 3. runs three ablations in the same process, each an A/B with alternating repeats (best of
    `--repeats`, the machine is shared):
    - *draws*: the real draws against constant ones, to see what drawing costs in the loop;
-   - *cohorts*: K = 4, 16, 64 cohorts, fitted as cost = fixed + per-cohort × K;
+   - *cohorts*: K = 4, 8, 16, 64 buckets per market and side (`market.cohorts`), fitted as
+     cost = fixed + per-bucket × K;
    - *devices*: one device against the pool axis sharded over 2 host devices (a child
      process with `--xla_force_host_platform_device_count=2`).
 
@@ -232,8 +233,9 @@ def ablate_draws(raw: dict, steps: int, repeats: int) -> dict:
     }
 
 
-def ablate_cohorts(raw: dict, steps: int, repeats: int, cohorts=(4, 16, 64)) -> dict:
-    """Run seconds per pool-step against K, and the least-squares fit fixed + slope·K."""
+def ablate_cohorts(raw: dict, steps: int, repeats: int, cohorts=(4, 8, 16, 64)) -> dict:
+    """Run seconds per pool-step against K (buckets per market and side), and the
+    least-squares fit fixed + slope·K."""
     per = {}
     for k in cohorts:
         r = copy.deepcopy(raw)
@@ -241,13 +243,24 @@ def ablate_cohorts(raw: dict, steps: int, repeats: int, cohorts=(4, 16, 64)) -> 
         args, cfg = _setup(r)
         per[k] = best_seconds(args, steps, repeats) / (cfg.simulation.num_pools * steps)
     ks = np.array(cohorts, float)
-    slope, fixed = np.polyfit(ks, [per[k] for k in cohorts], 1)
-    return {
+    ys = [per[k] for k in cohorts]
+    slope, fixed = np.polyfit(ks, ys, 1)
+    out = {
         "seconds_per_pool_step": {str(k): v for k, v in per.items()},
         "fit_fixed_seconds": float(fixed),
         "fit_per_cohort_seconds": float(slope),
         "book_share_at_16": float(slope * 16 / (fixed + slope * 16)),
     }
+    if len(cohorts) >= 4:
+        # The merge of a full book compares every pair of the K buckets and the crowd, so a
+        # term in K² may show: fixed + linear·K + quadratic·K².
+        quad, lin, const = np.polyfit(ks, ys, 2)
+        out["fit_quadratic_seconds"] = {
+            "fixed": float(const),
+            "per_bucket": float(lin),
+            "per_bucket_squared": float(quad),
+        }
+    return out
 
 
 def ablate_devices(pools: int, steps: int, repeats: int) -> dict:
@@ -291,9 +304,15 @@ def _print(result: dict) -> None:
     )
     print(
         f"cohorts: {1e6 * c['fit_fixed_seconds']:.2f} µs fixed + "
-        f"{1e9 * c['fit_per_cohort_seconds']:.0f} ns per cohort K; the book is "
+        f"{1e9 * c['fit_per_cohort_seconds']:.0f} ns per bucket K; the book is "
         f"{100 * c['book_share_at_16']:.0f}% of the step at K = 16"
     )
+    if "fit_quadratic_seconds" in c:
+        q = c["fit_quadratic_seconds"]
+        print(
+            f"cohorts, quadratic fit: {1e6 * q['fixed']:.2f} µs + {1e9 * q['per_bucket']:.0f} ns"
+            f" × K + {1e9 * q['per_bucket_squared']:.2f} ns × K²"
+        )
     if "speedup_2_over_1" in v:
         print(f"devices: 2 host devices / 1 = {v['speedup_2_over_1']:.2f}x")
 

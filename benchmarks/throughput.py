@@ -1,6 +1,7 @@
 """Throughput of pdlpjax against a vectorised NumPy baseline and a per-pool Python loop.
 
     JAX_PLATFORMS=cpu python benchmarks/throughput.py [--quick] [--max-pools N] [--out F.json]
+        [--previous PATH]
 
 The standard scenario: 5 risky crypto assets + USDC, K = 16 cohorts, hourly steps, 720 steps
 (30 days), the GLP discount (`pool.discount = "glp"`) and a delta hedge every 24 steps (when
@@ -13,7 +14,12 @@ like for like. In one run it measures, per pool count (64 … 16,384):
   (its compile seconds are reported), then the timed run of the whole horizon reuses it;
 - `benchmarks/numpy_vectorised.py` (NumPy over a leading pool axis, float64) on the matched
   scenario, fewer steps;
-- once, `tests/reference.py`'s per-pool loop (one Python object per cohort) on 4 pools.
+- pdlpjax's matched scenario at K = 8 buckets as well (`market.cohorts = 8`);
+- with `--previous PATH`, the matched scenario on the pdlpjax at PATH (a checkout of an
+  earlier commit, e.g. a `git worktree` of the engine before the crowd-bucket book), in a
+  subprocess that imports PATH's `pdlpjax` and runs this file with `--worker`: same
+  scenario, pool count, steps and timing method, and the ratio new / previous;
+- once, `tests/reference.py`'s per-pool loop (one Python object per bucket) on 4 pools.
 The baselines get their draws from JAX's `draw_noise`, timed apart and not counted in their
 step time; pdlpjax draws its own inside the step, and that is counted in its run time.
 
@@ -91,16 +97,22 @@ def hedge_available() -> bool:
     return "hedge" in getattr(pconfig, "SECTIONS", {})
 
 
-def scenario(full: bool, num_pools: int, num_steps: int, dtype: str = "float32") -> dict:
+def scenario(
+    full: bool, num_pools: int, num_steps: int, dtype: str = "float32", cohorts: int = 16
+) -> dict:
     """The standard scenario as a raw config dict; `full=False` is the matched scenario
-    (no discount, no hedge: what the baselines implement)."""
+    (no discount, no hedge: what the baselines implement).
+
+    It sets only keys that the engine before the crowd-bucket book (240ee2c) has as well
+    (`market.leverage_spread` stays at its default), so `--previous` runs the same dict.
+    """
     raw = {
         "name": "throughput-" + ("full" if full else "matched"),
         "market": {
             "assets": ASSETS,
             "numeraire": "USDC",
             "initial_prices": [93888.85, 3242.13, 139.44, 900.0, 2.1],
-            "cohorts": 16,
+            "cohorts": cohorts,
             "open_rate": [0.0008, 0.0005, 0.002, 0.001, 0.001],
             "mean_holding": 48.0,
             "leverage": 5.0,
@@ -356,6 +368,138 @@ def time_python_loop(raw: dict) -> tuple[dict, dict]:
     return timing, check
 
 
+# --------------------------------------------------------------------------- previous engine
+
+WORKER_TAG = "@@throughput-worker "  # prefix of the worker's answer lines on its stdout
+
+
+def worker() -> int:
+    """`--worker`: time the matched scenario for each request read from stdin.
+
+    Each request is a JSON line `{"pools": P, "steps": T, "cohorts": K}`; the answer is one
+    line `WORKER_TAG + JSON` of `time_pdlpjax`'s figures. The first line says which
+    `pdlpjax` this process imported. It uses only what both engines share: `config_from_dict`,
+    `make_params` / `make_model` / `make_spec`, `simulate` and `SimResult`'s `state`,
+    `metrics`, `masked`, `compile_seconds` and `run_seconds`.
+    """
+    import jaxlib
+
+    hello = {
+        "pdlpjax_file": str(Path(P.__file__).resolve()),
+        "pdlpjax": P.__version__,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "backend": jax.default_backend(),
+    }
+    print(WORKER_TAG + json.dumps(hello), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        raw = scenario(False, req["pools"], req["steps"], cohorts=req.get("cohorts", 16))
+        print(WORKER_TAG + json.dumps(time_pdlpjax(raw)), flush=True)
+    return 0
+
+
+class PreviousEngine:
+    """This file's `--worker` in a subprocess that imports the `pdlpjax` at `path`.
+
+    `PYTHONPATH=path` puts `path/pdlpjax` ahead of the editable install of this checkout (its
+    `.pth` entry comes after `PYTHONPATH`); the script's own folder is `benchmarks/`, not a
+    repository root, so it cannot shadow it. The worker reports `pdlpjax.__file__`, and this
+    refuses to go on unless it lies under `path`. One process serves every pool count, so
+    it compiles its chunk program once, as the main process does.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path.resolve()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(self.path), *filter(None, [env.get("PYTHONPATH")])]
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker"],
+            cwd=self.path,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.info = self._answer()
+        imported = Path(self.info["pdlpjax_file"])
+        if not imported.is_relative_to(self.path):
+            self.close()
+            raise RuntimeError(f"--previous {path}: the worker imported {imported}")
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            self.info["commit"] = subprocess.run(
+                ["git", "-C", str(self.path), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        self.info["path"] = str(self.path)
+
+    def _answer(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(WORKER_TAG):
+                return json.loads(line[len(WORKER_TAG) :])
+            sys.stdout.write(line)  # anything else the worker printed
+        raise RuntimeError(f"the --previous worker ended (exit code {self.proc.wait()})")
+
+    def time_matched(self, pools: int, steps: int) -> dict:
+        """The matched scenario at `pools` × `steps` on the previous engine."""
+        self.proc.stdin.write(json.dumps({"pools": pools, "steps": steps}) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        """End the worker (closing its stdin ends its loop)."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class LoadSampler:
+    """The 1-minute load average every `every` seconds while the block runs (a thread)."""
+
+    def __init__(self, every: float = 30.0):
+        import threading
+
+        self.every, self.samples = every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> dict:
+        """Min, mean and max of the samples, and the samples."""
+        x = self.samples
+        return {
+            "every_seconds": self.every,
+            "min": min(x),
+            "mean": sum(x) / len(x),
+            "max": max(x),
+            "samples": x,
+        }
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -431,7 +575,9 @@ def plot(result: dict, path: Path) -> None:
             "C0",
             "-",
         ),
-        ("pdlpjax_matched", "pdlpjax, matched", "C1", "-"),
+        ("pdlpjax_matched", "pdlpjax, matched (K = 16)", "C1", "-"),
+        ("pdlpjax_matched_k8", "pdlpjax, matched, K = 8", "C1", ":"),
+        ("previous_matched", "previous engine, matched (K = 16)", "C4", "-."),
         ("numpy_vectorised", "NumPy vectorised, matched (float64)", "C2", "-"),
     ]
     for key, label, color, style in series:
@@ -490,8 +636,10 @@ def run(
     loop_pools: int,
     loop_steps: int,
     scaling_steps: tuple[int, int],
+    previous: Path | None = None,
 ) -> dict:
-    """Every measurement; returns the JSON-ready result."""
+    """Every measurement; returns the JSON-ready result. `previous`: the root of another
+    checkout whose pdlpjax also runs the matched scenario (see `PreviousEngine`)."""
     backend = jax.default_backend()
     devices = jax.devices()
     if backend == "gpu":
@@ -509,16 +657,19 @@ def run(
     loop, check = time_python_loop(scenario(False, loop_pools, loop_steps, "float32"))
     print(_fmt_row("python_loop", loop), flush=True)
 
+    prev = PreviousEngine(previous) if previous is not None else None
+    if prev is not None:
+        print(
+            f"previous engine: {prev.info['pdlpjax_file']} (commit {prev.info.get('commit')})",
+            flush=True,
+        )
     rows = []
-    for pools in pool_counts:
-        row: dict[str, Any] = {"pools": pools}
-        row["pdlpjax_matched"] = time_pdlpjax(scenario(False, pools, steps))
-        print(_fmt_row("pdlpjax_matched", row["pdlpjax_matched"]), flush=True)
-        row["pdlpjax_full"] = time_pdlpjax(scenario(True, pools, steps))
-        print(_fmt_row("pdlpjax_full", row["pdlpjax_full"]), flush=True)
-        row["numpy_vectorised"] = time_numpy(scenario(False, pools, numpy_steps))
-        print(_fmt_row("numpy_vectorised", row["numpy_vectorised"]), flush=True)
-        rows.append(row)
+    try:
+        for pools in pool_counts:
+            rows.append(_measure_pools(pools, steps, numpy_steps, prev))
+    finally:
+        if prev is not None:
+            prev.close()
 
     # Derived figures: ratios on the matched scenario, bytes touched and bandwidth.
     for row in rows:
@@ -532,6 +683,14 @@ def run(
                 r["implied_bandwidth_bytes_per_second"] / peak["bytes_per_second"]
             )
         jm = row["pdlpjax_matched"]["pool_steps_per_second"]
+        row["pool_steps_per_second_k8"] = row["pdlpjax_matched_k8"]["pool_steps_per_second"]
+        row["ratio_k8_over_k16"] = row["pool_steps_per_second_k8"] / jm
+        if prev is not None:
+            row["previous_pool_steps_per_second"] = row["previous_matched"]["pool_steps_per_second"]
+            row["ratio_over_previous"] = jm / row["previous_pool_steps_per_second"]
+            row["ratio_k8_over_previous"] = (
+                row["pool_steps_per_second_k8"] / row["previous_pool_steps_per_second"]
+            )
         row["ratio_pdlpjax_over_numpy_vectorised"] = (
             jm / row["numpy_vectorised"]["pool_steps_per_second"]
         )
@@ -561,6 +720,25 @@ def run(
     }
     goals["met_numpy"] = goals["pdlpjax_over_numpy_vectorised"] >= 10.0
     goals["met_python_loop"] = goals["pdlpjax_over_python_loop"] >= 1000.0
+    largest = rows[-1]
+    extra: dict[str, Any] = {}
+    if prev is not None:
+        goals["pdlpjax_over_previous"] = largest["ratio_over_previous"]
+        goals["previous_pools"] = largest["pools"]
+        goals["target_over_previous"] = 3.0
+        goals["met_previous"] = largest["ratio_over_previous"] >= 3.0
+        extra = {
+            "ratio_over_previous": largest["ratio_over_previous"],
+            "ratio_over_previous_pools": largest["pools"],
+            "previous": {
+                **prev.info,
+                "scenario": "matched (the same config dict; the previous engine has no "
+                "market.leverage_spread, this one uses its default)",
+                "method": "the same time_pdlpjax in a subprocess (this file with --worker, "
+                "PYTHONPATH=path), one process for all pool counts, timed right after this "
+                "engine's matched run at the same pool count",
+            },
+        }
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -592,7 +770,7 @@ def run(
             "numpy_vectorised": "benchmarks/numpy_vectorised.py, float64, matched scenario; "
             "draws precomputed per step by JAX's draw_noise (vmapped over pools) and converted "
             "to NumPy, timed apart (noise_seconds) and not counted in run_seconds.",
-            "python_loop": "tests/reference.py's step, one Cohort object per ring slot, pools "
+            "python_loop": "tests/reference.py's step, one Bucket object per slot, pools "
             "in turn (the way agent-based simulators are written); draws as for NumPy, not "
             "counted. Its cost per pool-step does not depend on the pool count, so it is "
             "measured once and the ratios at every pool count use it.",
@@ -608,6 +786,7 @@ def run(
             "/proc/self/clear_refs) minus the RSS at the start of the block",
             "peak_bandwidth": peak,
         },
+        **extra,
         "baseline_check": check,
         "python_loop": loop,
         "pool_counts": rows,
@@ -615,6 +794,26 @@ def run(
         "scaling": scaling,
         "goals": goals,
     }
+
+
+def _measure_pools(
+    pools: int, steps: int, numpy_steps: int, prev: PreviousEngine | None
+) -> dict[str, Any]:
+    """One pool count: pdlpjax matched (K = 16), the previous engine's matched right after
+    it, pdlpjax matched at K = 8, pdlpjax full, NumPy."""
+    row: dict[str, Any] = {"pools": pools}
+    row["pdlpjax_matched"] = time_pdlpjax(scenario(False, pools, steps))
+    print(_fmt_row("pdlpjax_matched", row["pdlpjax_matched"]), flush=True)
+    if prev is not None:
+        row["previous_matched"] = prev.time_matched(pools, steps)
+        print(_fmt_row("previous_matched", row["previous_matched"]), flush=True)
+    row["pdlpjax_matched_k8"] = time_pdlpjax(scenario(False, pools, steps, cohorts=8))
+    print(_fmt_row("pdlpjax_matched_k8", row["pdlpjax_matched_k8"]), flush=True)
+    row["pdlpjax_full"] = time_pdlpjax(scenario(True, pools, steps))
+    print(_fmt_row("pdlpjax_full", row["pdlpjax_full"]), flush=True)
+    row["numpy_vectorised"] = time_numpy(scenario(False, pools, numpy_steps))
+    print(_fmt_row("numpy_vectorised", row["numpy_vectorised"]), flush=True)
+    return row
 
 
 def _describe(raw: dict) -> dict:
@@ -677,7 +876,13 @@ def scaling_checks(rows: list[dict], steps: tuple[int, int]) -> dict:
                 for r in by_steps
             ],
             "state_bytes_ratio": long["state_bytes"] / short["state_bytes"],
-            "compile_seconds_ratio": long["compile_seconds"] / short["compile_seconds"],
+            # 0 s: the shorter horizon reused a program compiled earlier in the run (horizons
+            # whose CVaR buffers round to the same length share one), so no ratio.
+            "compile_seconds_ratio": (
+                long["compile_seconds"] / short["compile_seconds"]
+                if short["compile_seconds"] > 0
+                else None
+            ),
             "note": "the only state that grows with the horizon is the exact 5% CVaR buffer "
             "(ceil(0.05 × steps) floats per pool and return series: stats.worst_losses, and "
             "hedge.stats.worst_losses with the hedge); time is a loop with a dynamic trip "
@@ -697,7 +902,20 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="JSON path (default benchmarks/results/<platform>[-quick].json)",
     )
+    ap.add_argument(
+        "--previous",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="root of another checkout (e.g. a git worktree of an earlier commit) whose "
+        "pdlpjax also runs the matched scenario, in a subprocess, for a new/previous ratio",
+    )
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        return worker()
+    if args.previous is not None and not (args.previous / "pdlpjax").is_dir():
+        ap.error(f"--previous {args.previous}: no pdlpjax/ there")
     counts = list(QUICK_POOL_COUNTS if args.quick else POOL_COUNTS)
     if args.max_pools is not None:
         counts = [p for p in counts if p <= args.max_pools] or [min(args.max_pools, counts[0])]
@@ -714,13 +932,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.perf_counter()
     load_before = os.getloadavg()
-    result = run(counts, **setting)
+    with LoadSampler() as load:
+        result = run(counts, **setting, previous=args.previous)
     result["wall_seconds"] = time.perf_counter() - t0
     # Other jobs share this machine's cores: the load says how contended the timings were.
+    # (The benchmark itself adds about 1 to the load while it runs.)
     result["machine"]["load_average_1_5_15_min"] = {
         "start": list(load_before),
         "end": list(os.getloadavg()),
     }
+    result["machine"]["load_average_1_min_during_run"] = load.summary()
     result["command"] = " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
     _atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     plot(result, out.with_suffix(".png"))
@@ -731,6 +952,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{g['pdlpjax_over_python_loop']:.0f}x (goal 1000x: "
         f"{'met' if g['met_python_loop'] else 'NOT met'}); wall {result['wall_seconds']:.0f} s"
     )
+    if "pdlpjax_over_previous" in g:
+        print(
+            f"at {g['previous_pools']} pools: new/previous engine "
+            f"{g['pdlpjax_over_previous']:.2f}x (goal 3x: "
+            f"{'met' if g['met_previous'] else 'NOT met'})"
+        )
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
