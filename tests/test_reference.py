@@ -187,8 +187,11 @@ def test_jax_step_matches_reference_every_step(busy):
 def test_busy_run_exercises_every_event(busy):
     """The comparison above is not vacuous: every mechanism fired in the run."""
     ev = busy["ref"][-1].events
+    # Fees and funding are paid at most from the margin (since 648a9c6), so a margin goes
+    # below zero only through a merged bucket's partial liquidation: rare, not required.
     for name in ref.EVENT_FIELDS:
-        assert ev[name] > 0, name
+        if name != "negative_margins":
+            assert ev[name] > 0, name
     # Partial liquidations, not only whole buckets.
     assert ev["full_liquidations"] < ev["liquidations"]
     acc = at(busy["states"], T - 1).accounts
