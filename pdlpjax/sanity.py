@@ -68,9 +68,9 @@ def _rejections(metrics: dict) -> str | None:
         return None
     opened = np.asarray(metrics["opened"], float)
     rejected = np.asarray(metrics["rejected"], float)
-    # `opened` counts cohorts written and `rejected` counts requests; a cohort takes one or
-    # two requests (the traders' and the funding arbitrageur's), so the share is at most
-    # slightly above the share of requests rejected.
+    # `opened` counts crowds written (one per request that got anything) and `rejected` the
+    # refused fractions of requests, so rejected / (opened + rejected) is about the share of
+    # requested traders refused.
     tried = opened + rejected
     share = np.where(tried > 0, rejected / np.where(tried > 0, tried, 1.0), 0.0)
     bad = np.isfinite(share) & (share > REJECTED_LIMIT)
@@ -80,7 +80,7 @@ def _rejections(metrics: dict) -> str | None:
     return (
         f"{int(np.sum(bad))} of {share.size} pools rejected more than {REJECTED_LIMIT:.0%} of "
         f"their trades (worst: pool {i}, {rejected[i]:.0f} requests rejected, "
-        f"{opened[i]:.0f} cohorts opened); check "
+        f"{opened[i]:.0f} crowds opened); check "
         "market.leverage against market.max_leverage, and pool.max_utilisation"
     )
 

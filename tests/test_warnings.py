@@ -237,7 +237,7 @@ def test_growth_and_collapse_warn():
 def test_rejections_warn():
     (line,) = sanity.result_warnings(_metrics(opened=[100, 0, 1, 0], rejected=[1, 500, 999, 0]))
     assert line.startswith("2 of 4 pools rejected more than 99% of their trades")
-    assert "(worst: pool 1, 500 requests rejected, 0 cohorts opened)" in line  # not pool 3
+    assert "(worst: pool 1, 500 requests rejected, 0 crowds opened)" in line  # not pool 3
 
 
 def test_masked_pools_warn():
