@@ -494,14 +494,17 @@ def accept_trades(
     return Acceptance(crowds, rejected)
 
 
-def _candidates(book: Book, crowd: Crowd) -> tuple[Array, Array, Array]:
-    """Size, mean key and spread of the K buckets and the crowd (index K), `(r, 2, K + 1)`."""
-    size = jnp.concatenate([_open(book, book.size), crowd.size[..., None]], axis=-1)
-    notional = jnp.concatenate([_open(book, book.notional), crowd.notional[..., None]], -1)
-    margin = jnp.concatenate([_open(book, book.margin), crowd.margin[..., None]], -1)
-    key = (notional - SIGN[None, :, None] * margin) / _safe(size, size > 0)
-    spread = jnp.concatenate([_open(book, book.spread), crowd.spread[..., None]], -1)
-    return size, key, spread
+def _candidates(book: Book, crowd: Crowd) -> dict[str, Array]:
+    """The K open buckets and the crowd (index K), each field `(r, 2, K + 1)`, with each
+    one's mean key."""
+    fields = ("size", "notional", "margin", "spread", "count")
+    out = {
+        f: jnp.concatenate([_open(book, getattr(book, f)), getattr(crowd, f)[..., None]], -1)
+        for f in fields
+    }
+    size = out["size"]
+    out["key"] = (out["notional"] - SIGN[None, :, None] * out["margin"]) / _safe(size, size > 0)
+    return out
 
 
 def add_crowd(
@@ -528,7 +531,8 @@ def add_crowd(
     any_free = jnp.any(free, axis=-1)
     first_free = jnp.argmax(free, axis=-1)
 
-    size, key, spread = _candidates(book, crowd)
+    cand = _candidates(book, crowd)
+    size, key, spread = cand["size"], cand["key"], cand["spread"]
     pair_sum = size[..., :, None] + size[..., None, :]
     pair_weight = size[..., :, None] * size[..., None, :] / _safe(pair_sum, pair_sum > 0)
     distance = (key[..., :, None] - key[..., None, :]) ** 2 + (
@@ -544,9 +548,7 @@ def add_crowd(
         return jnp.sum(jnp.where(idx == slot[..., None], x, 0.0), axis=-1)
 
     both = (idx == first[..., None]) | (idx == second[..., None])
-    notional = jnp.concatenate([_open(book, book.notional), crowd.notional[..., None]], -1)
-    margin = jnp.concatenate([_open(book, book.margin), crowd.margin[..., None]], -1)
-    count = jnp.concatenate([_open(book, book.count), crowd.count[..., None]], -1)
+    notional, margin, count = cand["notional"], cand["margin"], cand["count"]
     s_i, s_j = pick(size, first), pick(size, second)
     q_i, q_j = pick(key, first), pick(key, second)
     a_i, a_j = pick(spread, first), pick(spread, second)
