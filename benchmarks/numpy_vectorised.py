@@ -25,9 +25,11 @@ q̄ = (n ∓ c)/δ), a count (crowd-equivalents) and an open flag. Liquidations 
 fraction of members whose key the price crossed; funding and fees are charged per unit of
 size (funding at most a bucket's margin, fees uncapped); a fixed fraction 1/mean_holding of
 every bucket exits each step.
-- merge mode (default): K slots per (market, side). A crowd takes the first closed slot;
-  with all K open, the pair of the K buckets and the crowd with the least
-  cost(i, j) = δ_i δ_j / (δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²) merges (moments kept).
+- merge mode (default): K slots per (market, side), open buckets in ascending order of mean
+  key. A crowd takes its place in the order (the buckets up to the first closed slot
+  shift); with all K open, the neighbours in key order among the K buckets and the crowd with
+  the least cost(i, j) = δ_i δ_j / (δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²) merge
+  (moments kept).
 - `per_trade=True` (`run(..., per_trade=True)`, or `NpSpec.per_trade`): the book never
   merges. It grows (by `GROW` slots) whenever a crowd finds no closed slot, so every accepted
   crowd keeps its own bucket: the per-trade reference the merge mode is measured against
@@ -431,54 +433,85 @@ def _grow(book: NpBook, extra: int) -> NpBook:
     return NpBook(*(np.pad(getattr(book, f.name), pad) for f in dataclasses.fields(NpBook)))
 
 
+def _shifted(x: np.ndarray, step: int, fill) -> np.ndarray:
+    """x[..., j − step] at slot j (step ±1; `fill` where that runs off the end)."""
+    out = np.full_like(x, fill)
+    if step > 0:
+        out[..., 1:] = x[..., :-1]
+    else:
+        out[..., :-1] = x[..., 1:]
+    return out
+
+
 def _insert(
     book: NpBook, crowd: dict, write: np.ndarray, per_trade: bool
 ) -> tuple[NpBook, np.ndarray]:
-    """Add one crowd per (pool, market, side) where `write` (spec §Step order 6).
+    """Add one crowd per (pool, market, side) where `write` (spec §Step order 6), keeping the
+    open buckets in ascending order of mean key.
 
-    The crowd takes the first closed slot. With all K slots open, the cheapest pair among the
-    K buckets and the crowd (index K) merges: cost(i, j) = δ_i δ_j / (δ_i + δ_j) ·
-    ((q̄_i − q̄_j)² + (a_i − a_j)²), i < j, the first minimum in row-major order of (i, j);
-    j = K merges the crowd into bucket i, else i and j merge into slot i and the crowd takes
-    slot j. `per_trade`: never merge; grow the book instead.
+    The crowd's place p is the first open slot whose key exceeds its own (K if none). With a
+    closed slot, the buckets between p and the first closed slot h shift one slot towards h
+    and the crowd takes p (h ≥ p) or p − 1 (h < p). With all K open, the K + 1 candidates in
+    key order (the crowd at p) merge their cheapest neighbours, cost δ_i δ_j / (δ_i + δ_j) ·
+    ((q̄_i − q̄_j)² + (a_i − a_j)²), the first minimum, and the rest close up.
+    `per_trade`: never merge; grow the book instead.
     **Returns:** the book and the merges per pool."""
+    if per_trade and np.any(write & ~(~book.is_open).any(-1)):
+        book = _grow(book, GROW)
     closed = ~book.is_open
     any_closed = closed.any(-1)
-    if per_trade and np.any(write & ~any_closed):
-        book = _grow(book, GROW)
-        closed = ~book.is_open
-        any_closed = closed.any(-1)
     k = book.size.shape[-1]
-    kidx = np.arange(k)
-    first = closed.argmax(-1)
+    slots = np.arange(k)
+    sign = SIGN[None, None, :, 0]  # (1, 1, 2) against (P, r, 2)
     fields = {f: getattr(book, f) for f in BOOK_FIELDS}
-    at_new = (write & any_closed)[..., None] & (kidx == first[..., None])
+    keys = mean_key(book.size, book.notional, book.margin, sign[..., None])
+    crowd_key = mean_key(crowd["size"], crowd["notional"], crowd["margin"], sign)
+    above = book.is_open & (keys > crowd_key[..., None])
+    place = np.where(above, slots, k).min(-1)[..., None]
+    hole = closed.argmax(-1)[..., None]
+    right = hole >= place
+    at_crowd = np.where(right, slots == place, slots == place - 1)
+    from_left = right & (slots > place) & (slots <= hole)  # takes x[j − 1]
+    from_right = ~right & (slots >= hole) & (slots < place - 1)  # takes x[j + 1]
+    placing = (write & any_closed)[..., None]
     full = write & ~any_closed
+    out = {}
+    for f in BOOK_FIELDS + ("is_open",):
+        x = book.is_open if f == "is_open" else fields[f]
+        c = np.ones(write.shape, bool) if f == "is_open" else crowd[f]
+        fill = False if f == "is_open" else 0.0
+        moved = np.where(
+            from_left, _shifted(x, 1, fill), np.where(from_right, _shifted(x, -1, fill), x)
+        )
+        out[f] = np.where(placing, np.where(at_crowd, c[..., None], moved), x)
     merged = np.zeros(book.size.shape[0])
     if np.any(full):
-        sign = SIGN[None, None, :, 0]  # (1, 1, 2) against (P, r, 2)
-        ext = {f: np.concatenate([fields[f], crowd[f][..., None]], axis=-1) for f in BOOK_FIELDS}
-        q = mean_key(ext["size"], ext["notional"], ext["margin"], sign[..., None])
+        cand = np.arange(k + 1)
+
+        def line(x, c):  # the K + 1 candidates in key order
+            pad = np.concatenate([x, np.zeros_like(x[..., :1])], -1)
+            shift = np.concatenate([c[..., None], x], -1)
+            return np.where(cand < place, pad, np.where(cand == place, c[..., None], shift))
+
+        ext = {f: line(fields[f], crowd[f]) for f in BOOK_FIELDS}
+        q = line(keys, crowd_key)
         d, a = ext["size"], ext["spread"]
-        di, dj = d[..., :, None], d[..., None, :]
-        dq = q[..., :, None] - q[..., None, :]
-        da = a[..., :, None] - a[..., None, :]
-        cost = di * dj / _safe(di + dj) * (dq**2 + da**2)
-        upper = np.triu(np.ones((k + 1, k + 1), bool), 1)
-        cost = np.where(upper, cost, np.inf).reshape(cost.shape[:-2] + ((k + 1) ** 2,))
-        best = cost.argmin(-1)
-        i, j = best // (k + 1), best % (k + 1)
-        pick_i = {f: np.take_along_axis(ext[f], i[..., None], -1)[..., 0] for f in BOOK_FIELDS}
-        pick_j = {f: np.take_along_axis(ext[f], j[..., None], -1)[..., 0] for f in BOOK_FIELDS}
+        cost = d[..., :-1] * d[..., 1:] / _safe(d[..., :-1] + d[..., 1:])
+        cost = cost * ((q[..., :-1] - q[..., 1:]) ** 2 + (a[..., :-1] - a[..., 1:]) ** 2)
+        i = cost.argmin(-1)[..., None]
+        pick_i = {f: np.take_along_axis(ext[f], i, -1)[..., 0] for f in BOOK_FIELDS}
+        pick_j = {f: np.take_along_axis(ext[f], i + 1, -1)[..., 0] for f in BOOK_FIELDS}
         joined = merge_buckets(pick_i, pick_j, sign)
-        at_i = full[..., None] & (kidx == i[..., None])
-        at_new = at_new | (full[..., None] & (kidx == j[..., None]))  # j = K matches no slot
+        at_full = full[..., None]
         for f in BOOK_FIELDS:
-            fields[f] = np.where(at_i, joined[f][..., None], fields[f])
+            closed_up = np.where(
+                slots < i,
+                ext[f][..., :k],
+                np.where(slots == i, joined[f][..., None], ext[f][..., 1:]),
+            )
+            out[f] = np.where(at_full, closed_up, out[f])
         merged = full.sum((1, 2)).astype(np.float64)
-    for f in BOOK_FIELDS:
-        fields[f] = np.where(at_new, crowd[f][..., None], fields[f])
-    return NpBook(**fields, is_open=book.is_open | at_new), merged
+    return NpBook(**{f: out[f] for f in BOOK_FIELDS}, is_open=out["is_open"]), merged
 
 
 def _poisson(u: np.ndarray, mean: np.ndarray, max_count: int = 24) -> np.ndarray:

@@ -17,9 +17,11 @@ One crowd is represented exactly:
 - a price crossing into the keys liquidates the members beyond it, and the rest stays
   uniform.
 So liquidations are partial, continuous in the price and in every parameter: the pathwise
-gradient needs no relaxation. Only merging is an approximation: when all K buckets are open, a
-new crowd joins the pair of buckets (or bucket and crowd) that are nearest in key and spread
-(a Ward-style cost), and the merged bucket keeps the pair's mean key and key variance.
+gradient needs no relaxation. Only merging is an approximation. The buckets of a side are
+kept in ascending order of mean key, so the book is an adaptive histogram over liquidation
+prices; when all K are open, the two neighbours in that order (the new crowd among them)
+that are nearest in key and spread (a Ward-style cost) merge, and the merged bucket keeps
+the pair's mean key and key variance. Adding a crowd costs O(K).
 
 The pool is every trader's counterparty (GMX/JLP style). What a position borrows is what the
 pool *reserves* for it: a long reserves δ tokens of its asset (its profit δ(p − p0)/p tokens
@@ -494,32 +496,64 @@ def accept_trades(
     return Acceptance(crowds, rejected)
 
 
-def _candidates(book: Book, crowd: Crowd) -> dict[str, Array]:
-    """The K open buckets and the crowd (index K), each field `(r, 2, K + 1)`, with each
-    one's mean key."""
-    fields = ("size", "notional", "margin", "spread", "count")
-    out = {
-        f: jnp.concatenate([_open(book, getattr(book, f)), getattr(crowd, f)[..., None]], -1)
-        for f in fields
-    }
-    size = out["size"]
-    out["key"] = (out["notional"] - SIGN[None, :, None] * out["margin"]) / _safe(size, size > 0)
-    return out
+def _shift_right(x: Array, fill) -> Array:
+    """x[..., j − 1] at slot j (`fill` at slot 0)."""
+    return jnp.concatenate([jnp.full_like(x[..., :1], fill), x[..., :-1]], -1)
+
+
+def _shift_left(x: Array, fill) -> Array:
+    """x[..., j + 1] at slot j (`fill` at the last slot)."""
+    return jnp.concatenate([x[..., 1:], jnp.full_like(x[..., :1], fill)], -1)
+
+
+def _merge_adjacent(
+    size: Array, notional: Array, margin: Array, spread: Array, count: Array, key: Array
+) -> tuple[Array, tuple[Array, ...]]:
+    """Every pair of neighbours (j, j + 1) along the last axis (n slots → n − 1 pairs): the
+    Ward cost of merging them, δ_j δ_{j+1}/(δ_j + δ_{j+1}) · ((q̄_j − q̄_{j+1})² +
+    (a_j − a_{j+1})²), and the merged fields (δ, n, c and counts add; the keys' variance is
+    the mixture's, v = (δ_j v_j + δ_{j+1} v_{j+1})/δ + δ_j δ_{j+1} (q̄_j − q̄_{j+1})²/δ²,
+    v = a²/3, a = √(3v))."""
+    s_i, s_j = size[..., :-1], size[..., 1:]
+    q_i, q_j = key[..., :-1], key[..., 1:]
+    a_i, a_j = spread[..., :-1], spread[..., 1:]
+    total = s_i + s_j
+    safe_total = _safe(total, total > 0)
+    cost = s_i * s_j / safe_total * ((q_i - q_j) ** 2 + (a_i - a_j) ** 2)
+    var = (s_i * a_i**2 + s_j * a_j**2) / (3.0 * safe_total) + s_i * s_j * (q_i - q_j) ** 2 / (
+        safe_total**2
+    )
+    merged = (
+        total,
+        notional[..., :-1] + notional[..., 1:],
+        margin[..., :-1] + margin[..., 1:],
+        jnp.sqrt(3.0 * _safe(var, var > 0)) * (var > 0),
+        count[..., :-1] + count[..., 1:],
+    )
+    return cost, merged
 
 
 def add_crowd(
     book: Book, crowd: Crowd, prices: Float[Array, " r"]
 ) -> tuple[Book, Float[Array, ""], Float[Array, ""]]:
     """Write one accepted crowd per market and side into the book (where its notional is at
-    least `DUST_NOTIONAL`).
+    least `DUST_NOTIONAL`), keeping the open buckets in ascending order of mean key q̄.
 
-    It takes the first closed bucket. When all K are open, the cheapest pair among the K
-    buckets and the crowd merges, with cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² +
-    (a_i − a_j)²) (the size-weighted loss of detail in key and spread; the first minimum in
-    row-major (i, j) order, i < j): the crowd joins bucket i, or buckets i and j merge into
-    slot i and the crowd takes slot j. A merge adds δ, n, c and counts (so every trader's
-    PnL, what is reserved and the mean key stay exact) and keeps the pair's key variance:
-    v = (δ_i v_i + δ_j v_j)/δ + δ_i δ_j (q̄_i − q̄_j)²/δ², v_k = a_k²/3, a = √(3v).
+    The crowd's place is p, the first open slot whose key exceeds its own (K if none).
+    - With a closed slot, the crowd takes the order's place: the buckets between p and the
+      first closed slot h shift one slot towards h (right when h ≥ p, then the crowd takes
+      slot p; left when h < p, then it takes slot p − 1).
+    - With all K open, the K + 1 candidates in key order (the crowd inserted at p) merge
+      their cheapest *neighbours*, cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²)
+      (the size-weighted loss of detail in key and spread; the first minimum), into one
+      slot, and the rest close up. In key order the cheapest pair is almost always a pair of
+      neighbours, and finding it costs K costs instead of (K + 1)²/2. A merge adds δ, n, c
+      and counts (so every trader's PnL, what is reserved and the mean key stay exact) and
+      keeps the pair's key variance (`_merge_adjacent`).
+    Fees and funding shift every key of a side by the same amount per token, so the order
+    holds between steps; where a partial liquidation or a short's fee (on entry notional)
+    reorders two buckets, only the choice of pair is affected, never a balance.
+    Closed slots hold zeros (`_close` writes them so).
     **Returns:** the book, the number of crowds written and the number of merges.
     """
     k = book.size.shape[-1]
@@ -527,55 +561,53 @@ def add_crowd(
     # A dust crowd is dropped before any arithmetic: its size, squared in the gradient of
     # its key, would underflow (0 · inf = NaN) even where its lanes are masked out.
     crowd = jtu.tree_map(lambda x: jnp.where(write, x, 0.0), crowd)
+    keys = mean_key(book)
+    crowd_key = (crowd.notional - SIGN[None, :] * crowd.margin) / _safe(crowd.size, crowd.size > 0)
+    slots = jnp.arange(k)
+    above = book.is_open & (keys > crowd_key[..., None])
+    place = jnp.min(jnp.where(above, slots, k), axis=-1)[..., None]  # p, (r, 2, 1)
     free = ~book.is_open
     any_free = jnp.any(free, axis=-1)
-    first_free = jnp.argmax(free, axis=-1)
+    hole = jnp.argmax(free, axis=-1)[..., None]  # h
+    right = hole >= place
+    between_right = (slots > place) & (slots <= hole)
+    between_left = (slots >= hole) & (slots < place - 1)
+    at_crowd = jnp.where(right, slots == place, slots == place - 1)
 
-    cand = _candidates(book, crowd)
-    size, key, spread = cand["size"], cand["key"], cand["spread"]
-    pair_sum = size[..., :, None] + size[..., None, :]
-    pair_weight = size[..., :, None] * size[..., None, :] / _safe(pair_sum, pair_sum > 0)
-    distance = (key[..., :, None] - key[..., None, :]) ** 2 + (
-        spread[..., :, None] - spread[..., None, :]
-    ) ** 2
-    idx = jnp.arange(k + 1)
-    upper = idx[:, None] < idx[None, :]
-    cost = jnp.where(upper, pair_weight * distance, jnp.inf)
-    flat = jnp.argmin(cost.reshape(*cost.shape[:-2], -1), axis=-1)
-    first, second = flat // (k + 1), flat % (k + 1)
+    def into_hole(x, c, fill):
+        moved = jnp.where(
+            right,
+            jnp.where(between_right, _shift_right(x, fill), x),
+            jnp.where(between_left, _shift_left(x, fill), x),
+        )
+        return jnp.where(at_crowd, c[..., None], moved)
 
-    def pick(x, slot):  # x (r, 2, K + 1) at slot (r, 2), exactly (one lane is not zeroed)
-        return jnp.sum(jnp.where(idx == slot[..., None], x, 0.0), axis=-1)
-
-    both = (idx == first[..., None]) | (idx == second[..., None])
-    notional, margin, count = cand["notional"], cand["margin"], cand["count"]
-    s_i, s_j = pick(size, first), pick(size, second)
-    q_i, q_j = pick(key, first), pick(key, second)
-    a_i, a_j = pick(spread, first), pick(spread, second)
-    total = s_i + s_j
-    safe_total = _safe(total, total > 0)
-    var = (s_i * a_i**2 + s_j * a_j**2) / (3.0 * safe_total) + s_i * s_j * (q_i - q_j) ** 2 / (
-        safe_total**2
-    )
-    merged = (
-        total,
-        jnp.sum(jnp.where(both, notional, 0.0), axis=-1),
-        jnp.sum(jnp.where(both, margin, 0.0), axis=-1),
-        jnp.sqrt(3.0 * _safe(var, var > 0)) * (var > 0),
-        jnp.sum(jnp.where(both, count, 0.0), axis=-1),
-    )
-    fresh = (crowd.size, crowd.notional, crowd.margin, crowd.spread, crowd.count)
-    slots = jnp.arange(k)
-    place_fresh = write & any_free
-    merging = write & ~any_free
-    at_free = place_fresh[..., None] & (slots == first_free[..., None])
-    at_merge = merging[..., None] & (slots == first[..., None])
-    # The crowd takes slot j when two buckets merged (j < K).
-    at_swap = merging[..., None] & (slots == second[..., None])
     old = (book.size, book.notional, book.margin, book.spread, book.count)
-    new = []
-    for o, f, m in zip(old, fresh, merged, strict=True):
-        x = jnp.where(at_free | at_swap, f[..., None], o)
-        new.append(jnp.where(at_merge, m[..., None], x))
-    book = Book(*new, is_open=book.is_open | at_free)
+    fresh = (crowd.size, crowd.notional, crowd.margin, crowd.spread, crowd.count)
+    # All K open: the K + 1 candidates in key order, then their cheapest neighbours merge.
+    cand_slots = jnp.arange(k + 1)
+
+    def with_crowd(x, c):
+        return jnp.where(
+            cand_slots < place,
+            jnp.concatenate([x, jnp.zeros_like(x[..., :1])], -1),
+            jnp.where(cand_slots == place, c[..., None], jnp.concatenate([c[..., None], x], -1)),
+        )
+
+    cand = [with_crowd(o, f) for o, f in zip(old, fresh, strict=True)]
+    cost, merged = _merge_adjacent(*cand, with_crowd(keys, crowd_key))
+    lowest = jnp.argmin(cost, axis=-1)[..., None]  # pair (i, i + 1), i < K
+
+    def closed_up(x, m):
+        chosen = jnp.sum(jnp.where(slots == lowest, m, 0.0), axis=-1, keepdims=True)
+        return jnp.where(slots < lowest, x[..., :k], jnp.where(slots == lowest, chosen, x[..., 1:]))
+
+    placing = (write & any_free)[..., None]
+    merging = (write & ~any_free)[..., None]
+    new = [
+        jnp.where(placing, into_hole(o, f, 0.0), jnp.where(merging, closed_up(c, m), o))
+        for o, f, c, m in zip(old, fresh, cand, merged, strict=True)
+    ]
+    is_open = jnp.where(placing, into_hole(book.is_open, jnp.ones_like(write), False), book.is_open)
+    book = Book(*new, is_open=is_open)
     return book, fixed_sum(write.astype(prices.dtype)), fixed_sum(merging.astype(prices.dtype))

@@ -24,9 +24,10 @@ follows the position book's specification ("crowd buckets", book v2), the docstr
    (sized for profit: ℓ* = √(|γ| S L / f) − L, at most what brings L/S to p_t/p_{t−1}) send
    crowds of traders with margin fractions uniform on [m̄(1 − w), m̄(1 + w)], m̄ = 1/η;
    the collateral condition keeps the fraction a_c with m ≥ 1/η_max, the solvency cap the
-   fraction a_s of the rest (requests in order). Each accepted crowd takes the first closed
-   slot of its market and side, else the cheapest pair among the K buckets and the crowd
-   (cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²)) is merged.
+   fraction a_s of the rest (requests in order). Each accepted crowd joins the K slots of
+   its market and side, kept in ascending order of mean key: in a closed slot (the buckets
+   between shift), else the cheapest neighbours in key order among the K buckets and the
+   crowd (cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²)) merge.
 
 The reference consumes the same injected draws as the JAX step (a `StepNoise` whose leaves
 were converted to NumPy) and keeps the same state, so the two compare field by field. Besides
@@ -479,36 +480,35 @@ def merge(bi: Bucket, bj: Bucket, side: int) -> Bucket:
     )
 
 
-def cheapest_pair(ring: list, crowd: Bucket, side: int) -> tuple[int, int]:
-    """The first minimum, in row-major order of (i, j), i < j, of `merge_cost` over the K
-    buckets and the crowd (index K)."""
-    candidates = list(ring) + [crowd]
-    best, pair = math.inf, (-1, -1)
-    for i in range(len(candidates)):
-        for j in range(i + 1, len(candidates)):
-            cost = merge_cost(candidates[i], candidates[j], side)
-            if cost < best:
-                best, pair = cost, (i, j)
-    return pair
-
-
 def add_crowd(ring: list, crowd: Bucket, side: int) -> tuple[int, int]:
-    """Write a crowd into a ring of K slots: the first closed slot, else merge the cheapest
-    pair (the crowd into bucket i when j = K; else i and j into slot i, the crowd into slot j).
+    """Write a crowd into K slots kept in ascending order of mean key q̄.
+
+    Its place p is the first open slot whose key exceeds the crowd's (K if none). With a
+    closed slot, the slots between p and the first closed one h shift one place towards h
+    and the crowd takes p (h ≥ p) or p − 1 (h < p). With all K open, the K + 1 candidates in
+    key order (the crowd at p) merge their cheapest neighbours (`merge_cost`, the first
+    minimum) into one slot and the rest close up.
 
     **Returns:** (merges, whether two old buckets merged).
     """
-    for k, b in enumerate(ring):
-        if not b.is_open:
-            ring[k] = crowd
-            return 0, 0
-    i, j = cheapest_pair(ring, crowd, side)
-    if j == len(ring):
-        ring[i] = merge(ring[i], crowd, side)
-        return 1, 0
-    ring[i] = merge(ring[i], ring[j], side)
-    ring[j] = crowd
-    return 1, 1
+    key = crowd.mean_key(side)
+    k = len(ring)
+    p = next((j for j, b in enumerate(ring) if b.is_open and b.mean_key(side) > key), k)
+    holes = [j for j, b in enumerate(ring) if not b.is_open]
+    if holes:
+        h = holes[0]
+        if h >= p:
+            ring[p + 1 : h + 1] = ring[p:h]
+            ring[p] = crowd
+        else:
+            ring[h : p - 1] = ring[h + 1 : p]
+            ring[p - 1] = crowd
+        return 0, 0
+    line = ring[:p] + [crowd] + ring[p:]
+    costs = [merge_cost(line[i], line[i + 1], side) for i in range(k)]
+    i = min(range(k), key=lambda j: (costs[j], j))
+    ring[:] = line[:i] + [merge(line[i], line[i + 1], side)] + line[i + 2 :]
+    return 1, int(p not in (i, i + 1))
 
 
 def arbitrage_sizes(L: float, S: float, gamma: float, ratio: float, fee: float):

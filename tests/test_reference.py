@@ -627,43 +627,44 @@ def test_settlement_of_a_chunk():
 
 
 def test_merge_rule_hand_computed():
-    """A full book of K = 3 long buckets and a crowd: cost δ_i δ_j/(δ_i + δ_j) ((q̄_i − q̄_j)²
-    + (a_i − a_j)²) over the pairs of (bucket 0, 1, 2, crowd = 3), first minimum in row-major
-    order; the merged spread from the mixture's variance, also against a discretisation."""
+    """K = 3 long buckets in ascending key order and a crowd: with a closed slot the crowd
+    takes its place in the order; with none, the cheapest neighbours in key order (cost
+    δ_i δ_j/(δ_i + δ_j) ((q̄_i − q̄_j)² + (a_i − a_j)²), first minimum) merge; the merged
+    spread from the mixture's variance, also against a discretisation. The JAX engine on
+    the same cases."""
 
     def bucket(d, key, a):  # long: n = 2000 δ, c = n − δ q̄ so that (n − c)/δ = q̄ exactly
         return ref.Bucket(d, 2000.0 * d, 2000.0 * d - d * key, a, 1.0, True)
 
-    ring = [bucket(1.0, 1000.0, 10.0), bucket(1.0, 1500.0, 10.0), bucket(2.0, 1020.0, 20.0)]
+    ring = [bucket(1.0, 1000.0, 10.0), bucket(2.0, 1020.0, 20.0), bucket(1.0, 1500.0, 10.0)]
     near = bucket(1.0, 1490.0, 12.0)
-    # Costs: (0,1) 0.5·500² = 125000, (0,2) ⅔(20² + 10²) = 333.3, (0,3) 0.5(490² + 2²),
-    # (1,2) ⅔(480² + 10²), (1,3) 0.5(10² + 2²) = 52, (2,3) ⅔(470² + 8²): the crowd joins 1.
-    assert ref.merge_cost(ring[1], near, ref.LONG) == pytest.approx(52.0, rel=1e-12)
-    assert ref.merge_cost(ring[0], ring[2], ref.LONG) == pytest.approx(1000.0 / 3, rel=1e-12)
-    assert ref.cheapest_pair(ring, near, ref.LONG) == (1, 3)
-    book = [list(ring)]
-    assert ref.add_crowd(book[0], near, ref.LONG) == (1, 0)
-    m = book[0][1]
+    # In key order: 1000, 1020, crowd 1490, 1500. Neighbour costs: ⅔(20² + 10²) = 333.3,
+    # ⅔(470² + 8²), 0.5(10² + 2²) = 52: the crowd joins the bucket at 1500.
+    assert ref.merge_cost(ring[2], near, ref.LONG) == pytest.approx(52.0, rel=1e-12)
+    assert ref.merge_cost(ring[0], ring[1], ref.LONG) == pytest.approx(1000.0 / 3, rel=1e-12)
+    book = list(ring)
+    assert ref.add_crowd(book, near, ref.LONG) == (1, 0)
+    m = book[2]
     # δ 2, q̄ 1495; v = (100/3 + 144/3)/2 + 1·1·10²/2² = 40.667 + 25 → a = √(3v) = √197.
     assert (m.size, m.notional, m.count) == (2.0, 4000.0, 2.0)
     assert m.mean_key(ref.LONG) == pytest.approx(1495.0, rel=1e-14)
     assert m.spread == pytest.approx(math.sqrt(197.0), rel=1e-12)
-    assert book[0][0] == ring[0] and book[0][2] == ring[2]
+    assert book[:2] == ring[:2]
 
-    # A crowd far from every bucket: buckets 0 and 2 merge into slot 0, the crowd takes 2.
+    # A crowd far above every bucket: 1000 and 1020 merge into slot 0, the rest close up and
+    # the crowd takes the last slot.
     far = bucket(1.0, 3000.0, 12.0)
-    assert ref.cheapest_pair(ring, far, ref.LONG) == (0, 2)
-    book = [list(ring)]
-    assert ref.add_crowd(book[0], far, ref.LONG) == (1, 1)
-    m = book[0][0]
+    book = list(ring)
+    assert ref.add_crowd(book, far, ref.LONG) == (1, 1)
+    m = book[0]
     # δ 3, q̄ (1000 + 2·1020)/3; v = (100/3 + 2·400/3)/3 + 1·2·20²/3² = 100 + 88.89.
     v = (1 * 100 / 3 + 2 * 400 / 3) / 3 + 2 * 400 / 9
     assert v == pytest.approx(188.8889, rel=1e-6)
     assert m.mean_key(ref.LONG) == pytest.approx(3040.0 / 3, rel=1e-14)
     assert m.spread == pytest.approx(math.sqrt(3 * v), rel=1e-12)
     assert m.spread == pytest.approx(23.8048, rel=1e-5)
-    assert (m.size, m.margin) == (3.0, ring[0].margin + ring[2].margin)
-    assert book[0][1] == ring[1] and book[0][2] == far
+    assert (m.size, m.margin) == (3.0, ring[0].margin + ring[1].margin)
+    assert book[1] == ring[2] and book[2] == far
     # Discretised: keys uniform over each bucket in proportion to size.
     grid = (np.arange(100_000) + 0.5) / 100_000 * 2 - 1
     keys = np.concatenate([1000.0 + 10.0 * grid, 1020.0 + 20.0 * grid])
@@ -672,45 +673,66 @@ def test_merge_rule_hand_computed():
     var = np.average((keys - mean) ** 2, weights=weights)
     assert m.spread == pytest.approx(math.sqrt(3 * var), rel=1e-6)
 
-    # A tie: (0,1) and (0,2) both cost 0.5·10² = 50, and (0,1) comes first.
-    tied = [bucket(1.0, 1000.0, 0.0), bucket(1.0, 1010.0, 0.0), bucket(1.0, 990.0, 0.0)]
-    assert ref.merge_cost(tied[0], tied[1], 0) == ref.merge_cost(tied[0], tied[2], 0) == 50.0
-    assert ref.cheapest_pair(tied, far, ref.LONG) == (0, 1)
-    # A closed slot takes the crowd, whatever the costs.
+    # A tie: (990, 1000) and (1000, 1010) both cost 0.5·10² = 50, and the first merges.
+    tied = [bucket(1.0, 990.0, 0.0), bucket(1.0, 1000.0, 0.0), bucket(1.0, 1010.0, 0.0)]
+    book = list(tied)
+    assert ref.add_crowd(book, far, ref.LONG) == (1, 1)
+    assert book[0].mean_key(ref.LONG) == pytest.approx(995.0) and book[1:] == [tied[2], far]
+    # A closed slot takes the crowd, whatever the costs, and the order holds: left of the
+    # crowd's place (the buckets between shift left) and right of it (they shift right).
     with_gap = [ring[0], ref.Bucket(), ring[2]]
     assert ref.add_crowd(with_gap, near, ref.LONG) == (0, 0)
-    assert with_gap[1] == near
+    assert with_gap == [ring[0], near, ring[2]]
+    gap_last = [ring[0], ring[2], ref.Bucket()]
+    middle = bucket(1.0, 1200.0, 5.0)
+    assert ref.add_crowd(gap_last, middle, ref.LONG) == (0, 0)
+    assert gap_last == [ring[0], middle, ring[2]]
+    gap_first = [ref.Bucket(), ring[0], ring[2]]
+    assert ref.add_crowd(gap_first, far, ref.LONG) == (0, 0)
+    assert gap_first == [ring[0], ring[2], far]
 
-    # The JAX engine: the same three cases in three markets (K = 3), the crowds on the long
-    # side; and a short mirror (keys reflected: q̄ → 4000 − q̄) in a fourth.
+    # The JAX engine on the same cases, one market each (K = 3); the crowds on the long side
+    # but for a short mirror (keys reflected, q̄ → 4000 − q̄, so in reverse order).
     def short(b):
         key = 4000.0 - b.mean_key(ref.LONG)
         return ref.Bucket(b.size, b.notional, b.size * key - b.notional, b.spread, 1.0, b.is_open)
 
-    books = [list(ring), list(ring), list(tied), [short(b) for b in ring]]
-    crowds = [near, far, far, short(far)]
-    sides = [ref.LONG, ref.LONG, ref.LONG, ref.SHORT]
-    pairs = [ref.cheapest_pair(books[i], crowds[i], sides[i]) for i in range(4)]
-    assert pairs == [(1, 3), (0, 2), (0, 1), (0, 2)]
-    st = ref.RefState(0, np.ones(5), np.ones(5), 1.0, [[[], []] for _ in range(4)])
-    for i in range(4):
+    books = [
+        list(ring),
+        list(ring),
+        list(tied),
+        [short(b) for b in reversed(ring)],
+        [ring[0], ref.Bucket(), ring[2]],
+        [ring[0], ring[2], ref.Bucket()],
+        [ref.Bucket(), ring[0], ring[2]],
+    ]
+    crowds = [near, far, far, short(far), near, middle, far]
+    sides = [ref.LONG] * 3 + [ref.SHORT] + [ref.LONG] * 3
+    m_count = len(books)
+    st = ref.RefState(0, np.ones(m_count + 1), np.ones(m_count + 1), 1.0, [])
+    st.book = [[[], []] for _ in range(m_count)]
+    for i in range(m_count):
         st.book[i][sides[i]] = books[i]
         st.book[i][1 - sides[i]] = [ref.Bucket() for _ in range(3)]
     arrays = ref.book_arrays(st)
-    crowd_fields = {n: np.zeros((4, 2)) for n in ("size", "notional", "margin", "spread", "count")}
-    for i in range(4):
+    crowd_fields = {
+        n: np.zeros((m_count, 2)) for n in ("size", "notional", "margin", "spread", "count")
+    }
+    for i in range(m_count):
         for n in crowd_fields:
             crowd_fields[n][i, sides[i]] = getattr(crowds[i], n)
     merges = 0
-    for i in range(4):
+    for i in range(m_count):
         merges += ref.add_crowd(st.book[i][sides[i]], crowds[i], sides[i])[0]
     want = ref.book_arrays(st)
+    # The short mirror: the crowd (key 1000) goes first; 2980 and 3000 (cost 333.3) merge.
+    assert want["size"][3, 1].tolist() == [1.0, 1.0, 3.0]
     with jax.enable_x64(True):
         crowd = market.Crowd(**{n: jnp.asarray(v) for n, v in crowd_fields.items()})
         got, written, merged = market.add_crowd(
-            jax_book(**arrays), crowd, jnp.array([2000.0, 2000.0, 2000.0, 2000.0])
+            jax_book(**arrays), crowd, jnp.full(m_count, 2000.0)
         )
-    assert float(written) == 4.0 and float(merged) == merges == 4
+    assert float(written) == m_count and float(merged) == merges == 4
     np.testing.assert_array_equal(np.asarray(got.is_open), want["is_open"])
     for name in ("size", "notional", "margin", "spread", "count"):
         np.testing.assert_allclose(np.asarray(getattr(got, name)), want[name], rtol=1e-12)
