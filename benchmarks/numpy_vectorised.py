@@ -28,7 +28,8 @@ every bucket exits each step.
 - merge mode (default): K slots per (market, side), open buckets in ascending order of mean
   key. A crowd takes its place in the order (the buckets up to the first closed slot
   shift); with all K open, the neighbours in key order among the K buckets and the crowd with
-  the least cost(i, j) = δ_i δ_j / (δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²) merge
+  the least cost(i, j) = δ_i δ_j / (δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)² +
+  (p̄_i − p̄_j)²) (p̄ = n/δ, the mean entry price) merge
   (moments kept).
 - `per_trade=True` (`run(..., per_trade=True)`, or `NpSpec.per_trade`): the book never
   merges. It grows (by `GROW` slots) whenever a crowd finds no closed slot, so every accepted
@@ -118,7 +119,7 @@ ACCOUNT_FIELDS = (
 )
 
 # The float fields of a bucket (`pdlpjax.market.Book` has these and `is_open`).
-BOOK_FIELDS = ("size", "notional", "margin", "spread", "count")
+BOOK_FIELDS = ("size", "notional", "margin", "spread", "count", "slope")
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class NpBook:
     margin: np.ndarray  # c, numéraire (may go slightly negative: charges are not capped)
     spread: np.ndarray  # a, half-width of the members' liquidation prices
     count: np.ndarray  # crowd-equivalents
+    slope: np.ndarray  # β: entry price ≈ n/δ + β (key − q̄) over the members (0: one crowd)
     is_open: np.ndarray  # bool
 
 
@@ -279,7 +281,7 @@ def noise_from_pdlpjax(noise: Any) -> NpNoise:
 
 def _empty_book(shape: tuple[int, ...]) -> NpBook:
     z = np.zeros(shape)
-    return NpBook(z, z, z, z, z, np.zeros(shape, bool))
+    return NpBook(z, z, z, z, z, z, np.zeros(shape, bool))
 
 
 def init_state(spec: NpSpec, prm: NpParams) -> NpState:
@@ -375,7 +377,7 @@ def _settle(dx: np.ndarray, nx: np.ndarray, cx: np.ndarray, pr: np.ndarray) -> d
 
 
 def liquidate(
-    size, notional, margin, spread, is_open, x, sign=SIGN
+    size, notional, margin, spread, is_open, x, sign=SIGN, slope=0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The liquidated fraction φ of each bucket at price `x` (broadcast against the book) and
     the liquidated chunk (δ_L, n_L, c_L) (spec §Step order 1).
@@ -383,8 +385,9 @@ def liquidate(
     Members' keys are uniform on [q̄ − a, q̄ + a]; a long member is liquidated when x ≤ its
     key, a short when x ≥ it: long φ = clip((q̄ + a − x) / 2a, 0, 1), short φ = clip((x − q̄ + a)
     / 2a, 0, 1) (a = 0: all or nothing). φ > 1 − 1e-6 closes the bucket (φ = 1, with its whole
-    margin). Otherwise the chunk's margin is what its members hold: long n_L − δ_L μ, short
-    δ_L μ − n_L, with μ the mean key of the liquidated members."""
+    margin). Otherwise, with μ the mean key of the liquidated members, their entry notional is
+    n_L = δ_L (n/δ + β (μ − q̄)) (β the slope; within [0, n]) and their margin: long
+    n_L − δ_L μ, short δ_L μ − n_L."""
     q = mean_key(size, notional, margin, sign)
     a = spread
     wide = a > 0
@@ -399,10 +402,12 @@ def liquidate(
         is_long, (np.maximum(x, q - a) + q + a) / 2.0, (q - a + np.minimum(x, q + a)) / 2.0
     )
     d_l = phi * size
-    n_l = phi * notional
+    n_l = np.clip(phi * notional + d_l * slope * (mu - q), 0.0, notional)  # as the engine
     c_l = np.where(is_long, n_l - d_l * mu, d_l * mu - n_l)
-    # A bucket closed whole gives its whole margin (where φ was rounded up to 1, μ from the
-    # price would leave a sliver behind), as the engine and the loop reference do.
+    # A bucket closed whole gives its whole notional and margin (where φ was rounded up to 1,
+    # μ from the price would leave a sliver behind), as the engine and the loop reference do.
+    whole = (phi >= 1.0) | ~wide
+    n_l = np.where(whole, phi * notional, n_l)
     c_l = np.where(phi >= 1.0, margin, c_l)
     return phi, d_l, n_l, c_l
 
@@ -418,12 +423,18 @@ def merge_buckets(b1: dict, b2: dict, sign) -> dict:
     sd = _safe(d)
     v1, v2 = b1["spread"] ** 2 / 3.0, b2["spread"] ** 2 / 3.0
     v = (d1 * v1 + d2 * v2) / sd + d1 * d2 * (q1 - q2) ** 2 / (sd * sd)
+    # The slope of entry price on key: the mixture's covariance over its variance.
+    p1, p2 = b1["notional"] / _safe(d1), b2["notional"] / _safe(d2)
+    cov = (d1 * b1["slope"] * v1 + d2 * b2["slope"] * v2) / sd + d1 * d2 * (q1 - q2) * (p1 - p2) / (
+        sd * sd
+    )
     return {
         "size": d,
         "notional": b1["notional"] + b2["notional"],
         "margin": b1["margin"] + b2["margin"],
         "spread": np.sqrt(3.0 * v),
         "count": b1["count"] + b2["count"],
+        "slope": np.where(v > 0, cov / np.where(v > 0, v, 1.0), 0.0),
     }
 
 
@@ -453,7 +464,8 @@ def _insert(
     closed slot, the buckets between p and the first closed slot h shift one slot towards h
     and the crowd takes p (h ≥ p) or p − 1 (h < p). With all K open, the K + 1 candidates in
     key order (the crowd at p) merge their cheapest neighbours, cost δ_i δ_j / (δ_i + δ_j) ·
-    ((q̄_i − q̄_j)² + (a_i − a_j)²), the first minimum, and the rest close up.
+    ((q̄_i − q̄_j)² + (a_i − a_j)² + (p̄_i − p̄_j)²) (p̄ = n/δ), the first minimum, and the
+    rest close up.
     `per_trade`: never merge; grow the book instead.
     **Returns:** the book and the merges per pool."""
     if per_trade and np.any(write & ~(~book.is_open).any(-1)):
@@ -497,7 +509,9 @@ def _insert(
         q = line(keys, crowd_key)
         d, a = ext["size"], ext["spread"]
         cost = d[..., :-1] * d[..., 1:] / _safe(d[..., :-1] + d[..., 1:])
-        cost = cost * ((q[..., :-1] - q[..., 1:]) ** 2 + (a[..., :-1] - a[..., 1:]) ** 2)
+        e = ext["notional"] / _safe(d)  # mean entry price
+        gaps = (q[..., :-1] - q[..., 1:]) ** 2 + (a[..., :-1] - a[..., 1:]) ** 2
+        cost = cost * (gaps + (e[..., :-1] - e[..., 1:]) ** 2)
         i = cost.argmin(-1)[..., None]
         pick_i = {f: np.take_along_axis(ext[f], i, -1)[..., 0] for f in BOOK_FIELDS}
         pick_j = {f: np.take_along_axis(ext[f], i + 1, -1)[..., 0] for f in BOOK_FIELDS}
@@ -636,7 +650,7 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         xb = _b(pr)
         # 2. Liquidations: the members whose liquidation price the new price crossed.
         phi, d_l, n_l, c_l = liquidate(
-            book.size, book.notional, book.margin, book.spread, book.is_open, xb
+            book.size, book.notional, book.margin, book.spread, book.is_open, xb, slope=book.slope
         )
         liq = _settle(d_l, n_l, c_l, pr)
         reserves = reserves + liq["reserve_change"]
@@ -647,10 +661,11 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
         keep = np.where(shut, 0.0, 1.0 - phi)
         book = NpBook(
             size=book.size * keep,
-            notional=book.notional * keep,
+            notional=np.where(shut, 0.0, book.notional - n_l),
             margin=np.where(shut, 0.0, book.margin - c_l),
             spread=book.spread * keep,
             count=book.count * keep,
+            slope=np.where(shut, 0.0, book.slope),
             is_open=book.is_open & ~shut,
         )
 
@@ -713,6 +728,7 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
             margin=book.margin * stay,
             spread=np.where(gone, 0.0, book.spread),
             count=book.count * stay,
+            slope=np.where(gone, 0.0, book.slope),
             is_open=book.is_open & ~gone,
         )
 
@@ -765,6 +781,7 @@ def step(st: NpState, prm: NpParams, spec: NpSpec, noise: NpNoise) -> NpState:
                 "margin": took * (m_lo + m_hi) / 2.0,
                 "spread": prc * (m_hi - m_lo) / 2.0,
                 "count": a_c * a_s,
+                "slope": np.zeros_like(took),  # one entry price
             }
             accepted.append((crowd, took >= DUST_NOTIONAL))
 

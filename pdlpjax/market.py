@@ -105,13 +105,17 @@ class Book(eqx.Module):
     margin: Float[Array, "r 2 k"]  # c, numéraire
     spread: Float[Array, "r 2 k"]  # a: keys uniform on [q̄ − a, q̄ + a], price units
     count: Float[Array, "r 2 k"]  # crowd-equivalents (1 per crowd, shrinking as it leaves)
+    # β: the members' entry price against their key, p0 ≈ n/δ + β (q − q̄) (the least-squares
+    # line; 0 for one crowd, which entered at one price). Merging crowds that entered at
+    # different prices makes it non-zero; liquidation takes the crossed keys' entry notional.
+    slope: Float[Array, "r 2 k"]
     is_open: Bool[Array, "r 2 k"]
 
 
 def empty_book(num_risky: int, num_buckets: int, dtype) -> Book:
     """A book with no open positions."""
     z = jnp.zeros((num_risky, 2, num_buckets), dtype)
-    return Book(z, z, z, z, z, jnp.zeros(z.shape, bool))
+    return Book(z, z, z, z, z, z, jnp.zeros(z.shape, bool))
 
 
 def _open(book: Book, x: Array) -> Array:
@@ -212,21 +216,30 @@ def settle_chunk(
     return change, fixed_sum(taken), fixed_sum(gain), fixed_sum(bad)
 
 
-def _close(book: Book, frac: Array, chunk_margin: Array, keep_spread: Array, prices) -> Settlement:
-    """Close the fraction `frac` of each bucket (margin `chunk_margin` goes with it); the rest
-    keeps spread `keep_spread`."""
+def _close(
+    book: Book,
+    frac: Array,
+    chunk_notional: Array,
+    chunk_margin: Array,
+    keep_spread: Array,
+    prices: Array,
+) -> Settlement:
+    """Close the fraction `frac` of each bucket (entry notional `chunk_notional` and margin
+    `chunk_margin` go with it); the rest keeps spread `keep_spread` and its slope."""
     frac = jnp.where(book.is_open, frac, 0.0)
-    size, notional = book.size * frac, book.notional * frac
+    size = book.size * frac
+    notional = jnp.where(book.is_open, chunk_notional, 0.0)
     chunk_margin = jnp.where(book.is_open, chunk_margin, 0.0)
     change, received, paid, bad = settle_chunk(size, notional, chunk_margin, prices)
     keep = 1.0 - frac
     still = book.is_open & (frac < 1.0)
     after = Book(
         size=jnp.where(still, book.size * keep, 0.0),
-        notional=jnp.where(still, book.notional * keep, 0.0),
+        notional=jnp.where(still, book.notional - notional, 0.0),
         margin=jnp.where(still, book.margin - chunk_margin, 0.0),
         spread=jnp.where(still, keep_spread, 0.0),
         count=jnp.where(still, book.count * keep, 0.0),
+        slope=jnp.where(still, book.slope, 0.0),
         is_open=still,
     )
     return Settlement(
@@ -243,10 +256,12 @@ def _close(book: Book, frac: Array, chunk_margin: Array, keep_spread: Array, pri
 def liquidate(book: Book, prices: Float[Array, " r"]) -> Settlement:
     """Liquidate the members whose keys the prices reached (§2.1, Appendix A step 2).
 
-    The liquidated members' keys are uniform on the crossed end of [q̄ − a, q̄ + a]; with
-    their mean μ, their margin is n_L − δ_L μ (long) or δ_L μ − n_L (short), so each one's
-    loss beyond its margin, sign(η)(μ − p) per token, is bad debt. The rest keeps keys
-    uniform on the uncrossed part: mean q̄ ∓ aφ, half-width a(1 − φ).
+    The liquidated members' keys are uniform on the crossed end of [q̄ − a, q̄ + a], with
+    mean μ. Their entry notional is n_L = δ_L (n/δ + β (μ − q̄)), within [0, n] (slope β: in a
+    merged bucket the crossed keys belong to crowds that entered at other prices), their
+    margin n_L − δ_L μ (long) or δ_L μ − n_L (short), so each one's loss beyond its margin,
+    sign(η)(μ − p) per token, is bad debt. The rest keeps keys uniform on the uncrossed part:
+    mean q̄ ∓ aφ, half-width a(1 − φ), and the same slope.
     """
     frac = liquidation_fraction(book, prices)
     x = prices[:, None, None]
@@ -254,12 +269,18 @@ def liquidate(book: Book, prices: Float[Array, " r"]) -> Settlement:
     long_mu = 0.5 * (jnp.maximum(x, q - a) + q + a)
     short_mu = 0.5 * (q - a + jnp.minimum(x, q + a))
     mu = jnp.stack([long_mu[:, 0], short_mu[:, 1]], axis=1)
-    size, notional = book.size * frac, book.notional * frac
+    size = book.size * frac
+    # The line can leave [0, n] only for a bucket merged from far-apart entry prices; a
+    # chunk's notional outside it would leave a negative one behind.
+    notional = jnp.clip(book.notional * frac + size * book.slope * (mu - q), 0.0, book.notional)
     margin = SIGN[None, :, None] * (notional - size * mu)
-    # A bucket closed whole gives its whole margin: where φ was rounded up to 1 the formula
-    # would use the price and leave a sliver of margin behind. Without spread it is the same.
-    margin = jnp.where((frac >= 1.0) | (a <= 0), book.margin * frac, margin)
-    return _close(book, frac, margin, a * (1.0 - frac), prices)
+    # A bucket closed whole gives its whole notional and margin: where φ was rounded up to 1
+    # the formulas would use the price and leave a sliver behind. Without spread it is the
+    # same.
+    whole = (frac >= 1.0) | (a <= 0)
+    notional = jnp.where(whole, book.notional * frac, notional)
+    margin = jnp.where(whole, book.margin * frac, margin)
+    return _close(book, frac, notional, margin, a * (1.0 - frac), prices)
 
 
 def leave(book: Book, fraction: Float[Array, ""], prices: Float[Array, " r"]) -> Settlement:
@@ -267,7 +288,7 @@ def leave(book: Book, fraction: Float[Array, ""], prices: Float[Array, " r"]) ->
     expected exits of a crowd whose traders each leave with probability `fraction` per step).
     Keys and spreads are unchanged."""
     frac = jnp.broadcast_to(fraction, book.size.shape)
-    return _close(book, frac, book.margin * frac, book.spread, prices)
+    return _close(book, frac, book.notional * frac, book.margin * frac, book.spread, prices)
 
 
 def funding_rate(
@@ -507,28 +528,45 @@ def _shift_left(x: Array, fill) -> Array:
 
 
 def _merge_adjacent(
-    size: Array, notional: Array, margin: Array, spread: Array, count: Array, key: Array
+    size: Array,
+    notional: Array,
+    margin: Array,
+    spread: Array,
+    count: Array,
+    slope: Array,
+    key: Array,
 ) -> tuple[Array, tuple[Array, ...]]:
     """Every pair of neighbours (j, j + 1) along the last axis (n slots → n − 1 pairs): the
     Ward cost of merging them, δ_j δ_{j+1}/(δ_j + δ_{j+1}) · ((q̄_j − q̄_{j+1})² +
-    (a_j − a_{j+1})²), and the merged fields (δ, n, c and counts add; the keys' variance is
+    (a_j − a_{j+1})² + (p̄_j − p̄_{j+1})²) (the detail lost in key, spread and mean entry
+    price p̄ = n/δ, all in price units: a liquidation's margin depends on all three), and
+    the merged fields (δ, n, c and counts add; the keys' variance is
     the mixture's, v = (δ_j v_j + δ_{j+1} v_{j+1})/δ + δ_j δ_{j+1} (q̄_j − q̄_{j+1})²/δ²,
-    v = a²/3, a = √(3v))."""
+    v = a²/3, a = √(3v); the slope is the mixture's covariance of entry price p0 and key
+    over v, cov = (δ_j β_j v_j + δ_{j+1} β_{j+1} v_{j+1})/δ + δ_j δ_{j+1} (q̄_j − q̄_{j+1})
+    (p̄_j − p̄_{j+1})/δ², p̄ = n/δ)."""
     s_i, s_j = size[..., :-1], size[..., 1:]
     q_i, q_j = key[..., :-1], key[..., 1:]
     a_i, a_j = spread[..., :-1], spread[..., 1:]
     total = s_i + s_j
     safe_total = _safe(total, total > 0)
-    cost = s_i * s_j / safe_total * ((q_i - q_j) ** 2 + (a_i - a_j) ** 2)
+    entry = notional / _safe(size, size > 0)  # p̄ = n/δ, the mean entry price
+    p_i, p_j = entry[..., :-1], entry[..., 1:]
+    cost = s_i * s_j / safe_total * ((q_i - q_j) ** 2 + (a_i - a_j) ** 2 + (p_i - p_j) ** 2)
     var = (s_i * a_i**2 + s_j * a_j**2) / (3.0 * safe_total) + s_i * s_j * (q_i - q_j) ** 2 / (
         safe_total**2
     )
+    b_i, b_j = slope[..., :-1], slope[..., 1:]
+    cov = (s_i * b_i * a_i**2 + s_j * b_j * a_j**2) / (3.0 * safe_total) + s_i * s_j * (
+        q_i - q_j
+    ) * (p_i - p_j) / safe_total**2
     merged = (
         total,
         notional[..., :-1] + notional[..., 1:],
         margin[..., :-1] + margin[..., 1:],
         jnp.sqrt(3.0 * _safe(var, var > 0)) * (var > 0),
         count[..., :-1] + count[..., 1:],
+        cov / _safe(var, var > 0) * (var > 0),
     )
     return cost, merged
 
@@ -544,12 +582,13 @@ def add_crowd(
       first closed slot h shift one slot towards h (right when h ≥ p, then the crowd takes
       slot p; left when h < p, then it takes slot p − 1).
     - With all K open, the K + 1 candidates in key order (the crowd inserted at p) merge
-      their cheapest *neighbours*, cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²)
-      (the size-weighted loss of detail in key and spread; the first minimum), into one
-      slot, and the rest close up. In key order the cheapest pair is almost always a pair of
-      neighbours, and finding it costs K costs instead of (K + 1)²/2. A merge adds δ, n, c
-      and counts (so every trader's PnL, what is reserved and the mean key stay exact) and
-      keeps the pair's key variance (`_merge_adjacent`).
+      their cheapest *neighbours*, cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²
+      + (p̄_i − p̄_j)²) (the size-weighted loss of detail in key, spread and mean entry
+      price; the first minimum), into one slot, and the rest close up. In key order the
+      cheapest pair is almost always a pair of neighbours, and finding it costs K costs
+      instead of (K + 1)²/2. A merge adds δ, n, c and counts (so every trader's PnL, what is
+      reserved and the mean key stay exact) and keeps the pair's key variance and the slope
+      of entry price on key (`_merge_adjacent`).
     Fees and funding shift every key of a side by the same amount per token, so the order
     holds between steps; where a partial liquidation or a short's fee (on entry notional)
     reorders two buckets, only the choice of pair is affected, never a balance.
@@ -582,8 +621,9 @@ def add_crowd(
         )
         return jnp.where(at_crowd, c[..., None], moved)
 
-    old = (book.size, book.notional, book.margin, book.spread, book.count)
-    fresh = (crowd.size, crowd.notional, crowd.margin, crowd.spread, crowd.count)
+    old = (book.size, book.notional, book.margin, book.spread, book.count, book.slope)
+    # A crowd entered at one price: slope 0.
+    fresh = (crowd.size, crowd.notional, crowd.margin, crowd.spread, crowd.count, 0.0 * crowd.size)
     # All K open: the K + 1 candidates in key order, then their cheapest neighbours merge.
     cand_slots = jnp.arange(k + 1)
 

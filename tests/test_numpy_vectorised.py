@@ -100,15 +100,15 @@ def busy_config(model: str):
     )
 
 
-def assert_close(name: str, got, want, rtol: float = 1e-9) -> None:
-    """|got − want| ≤ rtol · max(|want|, 1e-3 · max |want|) elementwise, per pool."""
+def assert_close(name: str, got, want, rtol: float = 1e-9, floor: float = 0.0) -> None:
+    """|got − want| ≤ rtol · max(|want|, 1e-3 · max |want|, floor) elementwise, per pool."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, (name, got.shape, want.shape)
     if want.size == 0:
         return
     axes = tuple(range(1, want.ndim))
     scale = np.max(np.abs(want), axis=axes, keepdims=True) if axes else np.max(np.abs(want))
-    tol = rtol * np.maximum(np.abs(want), 1e-3 * scale)
+    tol = rtol * np.maximum(np.maximum(np.abs(want), 1e-3 * scale), floor)
     bad = np.abs(got - want) > tol
     assert not np.any(bad), f"{name}: NumPy {got[bad][:4]} vs JAX {want[bad][:4]}"
 
@@ -124,7 +124,10 @@ def compare(ns, js, t: int) -> None:
     live = ns.book.is_open
     for name in nv.BOOK_FIELDS:
         got = np.where(live, getattr(ns.book, name), 0.0)
-        assert_close(where + name, got, np.where(live, getattr(js.book, name), 0.0))
+        # A slope (entry price per unit of key) of crowds that entered at one price is
+        # rounding noise around 0: compare it on the scale of 1.
+        floor = 1.0 if name == "slope" else 0.0
+        assert_close(where + name, got, np.where(live, getattr(js.book, name), 0.0), floor=floor)
     for name in nv.ACCOUNT_FIELDS:
         if name.startswith("identity_error"):
             continue
@@ -192,6 +195,7 @@ def test_a_bucket_rounded_up_to_whole_is_liquidated_with_its_whole_margin():
             margin=10.0 * one,
             spread=5.0 * one,
             count=one,
+            slope=0.0 * one,
             is_open=np.array([[[True], [False]]]),
         )
         got = liquidate(jax.tree_util.tree_map(jax.numpy.asarray, book), jax.numpy.array([x]))
@@ -282,13 +286,18 @@ def test_liquidation_matches_discrete_members():
 
 def test_merge_keeps_the_members_key_moments():
     """Merging two buckets keeps the size-weighted mean and variance of their members' keys
-    (a²/3 for a uniform bucket)."""
+    (a²/3 for a uniform bucket), and its slope is the size-weighted least-squares slope of
+    the members' entry prices on their keys."""
     rng = np.random.default_rng(8)
     for _ in range(50):
         sign = float(rng.choice([1.0, -1.0]))
         crowds = [_members(rng, sign, 20_000) for _ in range(2)]
         buckets = [
-            dict(zip(("size", "notional", "margin", "spread"), c[4], strict=True), count=1.0)
+            dict(
+                zip(("size", "notional", "margin", "spread"), c[4], strict=True),
+                count=1.0,
+                slope=0.0,
+            )
             for c in crowds
         ]
         merged = nv.merge_buckets(buckets[0], buckets[1], sign)
@@ -301,3 +310,6 @@ def test_merge_keeps_the_members_key_moments():
         # the grid's members are uniform to O(1/count²) in variance
         assert merged["spread"] ** 2 / 3.0 == pytest.approx(var, rel=1e-6)
         assert merged["count"] == 2.0
+        entry = np.concatenate([c[1] / c[0] for c in crowds])
+        cov = (dd * (key - mean) * (entry - (dd * entry).sum() / dd.sum())).sum() / dd.sum()
+        assert merged["slope"] == pytest.approx(cov / var, rel=1e-6)

@@ -52,6 +52,7 @@ def _hand_state(spread=None):
         margin=jnp.asarray(margin),
         spread=jnp.asarray(spread),
         count=jnp.asarray(np.where(size > 0, 1.0, 0.0).astype(np.float32)),
+        slope=jnp.zeros(size.shape, jnp.float32),
         is_open=jnp.asarray(np.array([OPEN, OPEN])),
     )
     pool = PoolState(
