@@ -17,8 +17,12 @@ follows the position book's specification ("crowd buckets", book v2), the docstr
    share the market's total pro rata by size.
 4. Lending fee: f · borrowed per bucket (long: δ p, short: n), at most its margin, to the
    numéraire.
-5. LP flow: φ = drift dt + vol √dt z of AUM; deposits at target weights, withdrawals from the
-   available reserves R^A (capped at 99% of their value); shares at the share price.
+5. Target-weight arbitrage (discount "glp" or "gmx"; `twm_trade`): the more profitable of a
+   creation (eq. 7) and a redemption (eq. 10) priced by F (eq. 11, or GMX fees), found by
+   projected gradient ascent from the surrogate optimum g/μ, if it beats twm_cost × AUM.
+   Then the LP flow: φ = drift dt + vol √dt z of AUM; deposits at target weights,
+   withdrawals from the available reserves R^A (capped at 99% of their value); shares at the
+   share price.
 6. Exits: the fraction h = clip(1/mean_holding, 0, 1) of every open bucket leaves and settles
    (deterministic; a and q̄ unchanged). Then trader demand and the funding arbitrageur
    (sized for profit: ℓ* = √(|γ| S L / f) − L, at most what brings L/S to p_t/p_{t−1}) send
@@ -27,7 +31,8 @@ follows the position book's specification ("crowd buckets", book v2), the docstr
    fraction a_s of the rest (requests in order). Each accepted crowd joins the K slots of
    its market and side, kept in ascending order of mean key: in a closed slot (the buckets
    between shift), else the cheapest neighbours in key order among the K buckets and the
-   crowd (cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²)) merge.
+   crowd (cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)² + (p̄_i − p̄_j)²), p̄ = n/δ
+   the mean entry price) merge.
 
 The reference consumes the same injected draws as the JAX step (a `StepNoise` whose leaves
 were converted to NumPy) and keeps the same state, so the two compare field by field. Besides
@@ -58,6 +63,12 @@ ACCOUNT_FIELDS = (
     "fees",
     "bad_debt",
     "lp_flows",
+    # Target-weight arbitrage (spec.discount != "none"): assets in − out, the arbitrageurs'
+    # gain (the LPs' dilution), and the number of creations and redemptions.
+    "twm_flows",
+    "dilution",
+    "creations",
+    "redemptions",
     "liquidated_margin",
     "liquidated_notional",
     "exit_received",
@@ -112,7 +123,8 @@ class Bucket:
 
     size δ (tokens), entry notional n = Σ δ p0 (numéraire), margin c (numéraire, may be
     negative), half-width a of the members' liquidation prices (uniform on [q̄ − a, q̄ + a]),
-    count (crowd-equivalents) and an open flag.
+    count (crowd-equivalents), the slope β of the members' entry prices on their keys
+    (p0 ≈ n/δ + β (q − q̄); 0 for one crowd) and an open flag.
     """
 
     size: float = 0.0
@@ -121,6 +133,7 @@ class Bucket:
     spread: float = 0.0
     count: float = 0.0
     is_open: bool = False
+    slope: float = 0.0
 
     def mean_key(self, side: int) -> float:
         """q̄: long (n − c)/δ, short (n + c)/δ."""
@@ -142,6 +155,8 @@ class RefSpec:
     mode: str = "pdlp"
     has_numeraire: bool = True
     rebalance: bool = False
+    discount: str = "none"  # TWM discount F: none | glp | gmx (`TWM_DISCOUNTS`)
+    twm_steps: int = 10  # projected gradient ascent steps of the TWM solvers
 
     @property
     def dt(self) -> float:
@@ -185,6 +200,12 @@ class RefParams:
     crash_vol: float
     garch_alpha: np.ndarray
     garch_beta: np.ndarray
+    # target-weight arbitrage (pool; read only when spec.discount != "none")
+    discount_base: float = 0.0  # γ_b of eq. 11 (GMX: mint/burn fee)
+    discount_tax: float = 0.0  # γ_t of eq. 11 (GMX: tax)
+    twm_mu: float = 0.5  # surrogate modulus μ, value fractions of AUM
+    twm_capital: float = 0.1  # arbitrageur's capital per asset, fraction of AUM
+    twm_cost: float = 0.0  # the arbitrageur acts when its profit > this × AUM
 
 
 def params_from_pdlpjax(params: Any) -> RefParams:
@@ -457,25 +478,33 @@ def new_crowd(accepted: float, price: float, m_lo: float, m_hi: float, count: fl
 
 
 def merge_cost(bi: Bucket, bj: Bucket, side: int) -> float:
-    """δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²)."""
+    """δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)² + (p̄_i − p̄_j)²), p̄ = n/δ."""
     qi, qj = bi.mean_key(side), bj.mean_key(side)
     weight = bi.size * bj.size / (bi.size + bj.size)
-    return weight * ((qi - qj) ** 2 + (bi.spread - bj.spread) ** 2)
+    entry_gap = bi.notional / bi.size - bj.notional / bj.size
+    return weight * ((qi - qj) ** 2 + (bi.spread - bj.spread) ** 2 + entry_gap**2)
 
 
 def merge(bi: Bucket, bj: Bucket, side: int) -> Bucket:
     """One bucket holding both crowds: δ, n, c, count add; the keys' variance is the mixture's,
-    v = (δ_i v_i + δ_j v_j)/δ + δ_i δ_j (q̄_i − q̄_j)²/δ² with v_k = a_k²/3, and a = √(3v)."""
+    v = (δ_i v_i + δ_j v_j)/δ + δ_i δ_j (q̄_i − q̄_j)²/δ² with v_k = a_k²/3, and a = √(3v);
+    the slope is the mixture's covariance of entry price and key over v,
+    (δ_i β_i v_i + δ_j β_j v_j)/δ + δ_i δ_j (q̄_i − q̄_j)(n_i/δ_i − n_j/δ_j)/δ²."""
     d = bi.size + bj.size
     qi, qj = bi.mean_key(side), bj.mean_key(side)
     vi, vj = bi.spread**2 / 3.0, bj.spread**2 / 3.0
     v = (bi.size * vi + bj.size * vj) / d + bi.size * bj.size * (qi - qj) ** 2 / d**2
+    entry_gap = bi.notional / bi.size - bj.notional / bj.size
+    cov = (bi.size * bi.slope * vi + bj.size * bj.slope * vj) / d + bi.size * bj.size * (
+        qi - qj
+    ) * entry_gap / d**2
     return Bucket(
         size=d,
         notional=bi.notional + bj.notional,
         margin=bi.margin + bj.margin,
         spread=math.sqrt(3.0 * v),
         count=bi.count + bj.count,
+        slope=cov / v if v > 0 else 0.0,
         is_open=True,
     )
 
@@ -697,9 +726,10 @@ def liquidated_fraction(b: Bucket, side: int, x: float) -> float:
 
 
 def liquidated_chunk(b: Bucket, side: int, x: float, phi: float) -> tuple[float, float, float]:
-    """(δ_L, n_L, c_L) of the members liquidated at x: δ_L = φ δ, n_L = φ n, and with μ their
-    mean key (long (max(x, q̄ − a) + q̄ + a)/2, short (q̄ − a + min(x, q̄ + a))/2)
-    c_L = n_L − δ_L μ (long) or δ_L μ − n_L (short).
+    """(δ_L, n_L, c_L) of the members liquidated at x: with μ their mean key (long
+    (max(x, q̄ − a) + q̄ + a)/2, short (q̄ − a + min(x, q̄ + a))/2), δ_L = φ δ,
+    n_L = δ_L (n/δ + β (μ − q̄)) (kept within [0, n]) and c_L = n_L − δ_L μ (long) or
+    δ_L μ − n_L (short).
 
     φ = 1 liquidates every member (also when rounded up from 1 − φ < 1e-6): their mean key
     is then q̄ itself and c_L = c, the bucket's whole margin (the formula's max(x, q̄ − a)
@@ -708,11 +738,13 @@ def liquidated_chunk(b: Bucket, side: int, x: float, phi: float) -> tuple[float,
     if phi >= 1.0:
         return b.size, b.notional, b.margin
     q, a = b.mean_key(side), b.spread
-    d, n = phi * b.size, phi * b.notional
+    d = phi * b.size
     if side == LONG:
         mu = (max(x, q - a) + q + a) / 2.0
+        n = min(max(phi * b.notional + d * b.slope * (mu - q), 0.0), b.notional)
         return d, n, n - d * mu
     mu = (q - a + min(x, q + a)) / 2.0
+    n = min(max(phi * b.notional + d * b.slope * (mu - q), 0.0), b.notional)
     return d, n, d * mu - n
 
 
@@ -732,10 +764,11 @@ def liquidate(
     keep = 1.0 - phi
     st.book[i][side][k] = Bucket(
         size=b.size * keep,
-        notional=b.notional * keep,
+        notional=b.notional - n,
         margin=b.margin - c,
         spread=b.spread * keep,
         count=b.count * keep,
+        slope=b.slope if phi < 1.0 else 0.0,
         is_open=phi < 1.0,
     )
     out.closed += int(phi >= 1.0)
@@ -767,6 +800,7 @@ def exit_bucket(
         margin=b.margin * keep,
         spread=b.spread,
         count=b.count * keep,
+        slope=b.slope if h < 1.0 else 0.0,
         is_open=h < 1.0,
     )
     out.closed += int(h >= 1.0)
@@ -798,6 +832,8 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     funding_total = 0.0
     n_merged = n_open = 0
     n_rejected = 0.0
+    twm = {"flow": 0.0, "gain": 0.0, "created": 0, "redeemed": 0}  # no target-weight trade
+    supply_held = supply_before  # shares not the TWM arbitrageur's after its trade
 
     if spec.mode == "passive":
         if spec.rebalance:
@@ -834,7 +870,25 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
             st.events["negative_margins"] += int(b.is_open and b.margin < 0)
         st.reserves[num] += fees
 
-        # 5. LP deposits and withdrawals at the share price.
+        # 5a. Target-weight arbitrage: a creation (eq. 7) or a redemption (eq. 10) priced by
+        # the discount F, at the AUM and R^A after fees; the existing LPs (S for a creation,
+        # S − σ for a redemption) pay the arbitrageur's gain through dilution.
+        if spec.discount != "none":
+            twm = twm_trade(
+                spec.discount,
+                p_new,
+                st.reserves,
+                st.supply,
+                aum(st, r),
+                available(st, r),
+                prm,
+                spec.twm_steps,
+            )
+            st.reserves = st.reserves + twm["reserve_change"]
+            st.supply += twm["supply_change"]
+            supply_held = min(supply_before, st.supply)
+
+        # 5b. LP deposits and withdrawals at the share price.
         value = aum(st, r)
         avail = [max(a, 0.0) for a in available(st, r)]
         avail_value = sum(p_new[j] * avail[j] for j in range(len(avail)))
@@ -911,20 +965,23 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
 
     # Accounting identity and running totals.
     aum_after = aum(st, r)
-    terms = inventory + book_move + fees - bad_debt + flow
+    terms = inventory + book_move + fees - bad_debt + flow + twm["flow"]
     violation = abs(aum_after - aum_before - terms) / max(abs(aum_before), 1e-30)
     # LP wealth identity: the initial LPs hold h = initial_value shares throughout (flows are
     # other LPs, minted and burnt at the share price), so their wealth h·AUM/supply moves by
     # their pro-rata share of what happened while they held h of `supply` shares: the market
     # terms before the flow over the opening supply, the exits' bad debt after it over the
-    # closing supply. (No target-weight arbitrage here: `twm_settle` is checked on its own.)
+    # closing supply. The target-weight arbitrageur's gain (`twm_settle`) is paid by the
+    # shares not its own after its trade (`supply_held`).
     held = prm.initial_value
     wealth_before = held * aum_before / supply_before
     wealth_after = held * aum_after / st.supply
     share_before = held / supply_before
     share_after = held / st.supply
-    expected = share_before * (inventory + book_move + fees - liq.bad_debt) - share_after * (
-        ex.bad_debt
+    expected = (
+        share_before * (inventory + book_move + fees - liq.bad_debt)
+        - held / supply_held * twm["gain"]
+        - share_after * ex.bad_debt
     )
     lp_violation = abs(wealth_after - wealth_before - expected) / max(abs(wealth_before), 1e-30)
     acc = st.accounts
@@ -933,6 +990,10 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     acc["fees"] += fees
     acc["bad_debt"] += bad_debt
     acc["lp_flows"] += flow
+    acc["twm_flows"] += twm["flow"]
+    acc["dilution"] += twm["gain"]
+    acc["creations"] += twm["created"]
+    acc["redemptions"] += twm["redeemed"]
     acc["liquidated_margin"] += liq.received
     acc["liquidated_notional"] += liq.notional
     acc["exit_received"] += ex.received
@@ -959,6 +1020,7 @@ def step(st: RefState, prm: RefParams, spec: RefSpec, noise: RefNoise) -> RefSta
     acc["share_fees"] += fees / supply_before
     acc["share_liquidated_margin"] += liq.received / supply_before
     acc["share_bad_debt"] -= liq.bad_debt / supply_before + ex.bad_debt / st.supply
+    acc["share_dilution"] -= twm["gain"] / supply_held
     if violation > acc["identity_error"]:
         acc["identity_error"] = violation
         acc["identity_error_step"] = float(st.t)
@@ -1027,6 +1089,396 @@ def twm_settle(
     return out
 
 
+# The discounts whose target-weight arbitrage the reference step covers.
+TWM_DISCOUNTS = ("glp", "gmx")
+# The ascent's line search tries these multiples of its step size at every step.
+TWM_STEP_SCALES = tuple(2.0**k for k in range(-6, 3))
+# g = ∇F(0) by one-sided differences over this value fraction of AUM per asset.
+TWM_EPS = 1e-3
+# GMX fees: whole-USDG amounts are clipped to [0, 2⁵⁸], fee quotients to 2¹⁵ − 1 bps.
+GMX_MAX_USDG = 2**58
+GMX_MAX_BPS = 2**15 - 1
+
+
+def _no_discount(kind: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"the reference's target-weight arbitrage covers the discounts {TWM_DISCOUNTS}, not "
+        f"{kind!r} (add its F, gradient and Hessian to `twm_discount` and `discount_jet`)"
+    )
+
+
+def gmx_fee_bps(
+    usdg: float, size: float, target: float, base_bps: float, tax_bps: float, increment: bool
+) -> int:
+    """GMX v1 `getFeeBasisPoints` on Python integers: the fee (bps) of one mint or burn.
+
+    I (`usdg`), Δ (`size`) and T (`target`) are floored to whole USDG, in [0, 2⁵⁸] (NaN → 0);
+    bps are rounded to integers. N = I + Δ for a deposit, max(I − Δ, 0) for a withdrawal;
+    d0 = |I − T|, d1 = |N − T|. If d1 < d0 (towards the target) the fee is
+    max(base − ⌊tax·d0/T⌋, 0), else base + ⌊tax·min(⌊(d0 + d1)/2⌋, T)/T⌋; T = 0: the base.
+    """
+
+    def whole(a: float) -> int:
+        if not a > 0:  # NaN or ≤ 0
+            return 0
+        return GMX_MAX_USDG if a >= GMX_MAX_USDG else int(math.floor(a))
+
+    i_amt, d_amt, t_amt = whole(usdg), whole(size), whole(target)
+    base = int(round(base_bps))
+    tax = min(max(int(round(tax_bps)), 0), GMX_MAX_BPS)
+    if t_amt == 0:
+        return base
+    nxt = i_amt + d_amt if increment else max(i_amt - d_amt, 0)
+    d0, d1 = abs(i_amt - t_amt), abs(nxt - t_amt)
+    if d1 < d0:
+        return max(base - min(tax * d0 // t_amt, GMX_MAX_BPS), 0)
+    return base + min(tax * min((d0 + d1) // 2, t_amt) // t_amt, GMX_MAX_BPS)
+
+
+def gmx_discount(
+    prices: np.ndarray,
+    target: np.ndarray,
+    reserves: np.ndarray,
+    delta: np.ndarray,
+    base: float,
+    tax: float,
+) -> float:
+    """GMX v1 mint/burn fees as a discount (Chitra et al. §3.6), by loops.
+
+    Each asset is its own mint (p_i δ_i ≥ 0) or burn of size |p_i δ_i|, with I_i = p_i R_i and
+    T_i = w*_i pᵀR; F = −Σ_i fee_i |p_i δ_i| / (10⁴ Σ_i |p_i δ_i|) (0 at δ = 0), the fees of
+    `gmx_fee_bps` at base γ_b and tax γ_t (fractions). F ≤ 0: it never pays an arbitrageur.
+    """
+    n = len(prices)
+    usdg = [prices[i] * reserves[i] for i in range(n)]
+    total = sum(usdg)
+    trade = [prices[i] * delta[i] for i in range(n)]
+    gross = sum(abs(t) for t in trade)
+    if not gross > 0:
+        return 0.0
+    paid = 0.0
+    for i in range(n):
+        fee = gmx_fee_bps(
+            usdg[i], abs(trade[i]), target[i] * total, base * 1e4, tax * 1e4, trade[i] >= 0
+        )
+        paid += fee * abs(trade[i])
+    return -paid / (1e4 * gross)
+
+
+def twm_discount(
+    kind: str,
+    prices: np.ndarray,
+    target: np.ndarray,
+    reserves: np.ndarray,
+    delta: np.ndarray,
+    base: float,
+    tax: float,
+) -> float:
+    """F(p, w*, R, δ) of the kind named (δ in tokens): "glp" eq. 11 as printed, "gmx" fees."""
+    if kind == "glp":
+        return glp_discount(prices, target, reserves, delta, base, tax)
+    if kind == "gmx":
+        return gmx_discount(prices, target, reserves, delta, base, tax)
+    raise _no_discount(kind)
+
+
+def discount_jet(
+    kind: str,
+    prices: np.ndarray,
+    target: np.ndarray,
+    reserves: np.ndarray,
+    delta: np.ndarray,
+    k: np.ndarray,
+    base: float,
+    tax: float,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """F (eq. 11 or GMX fees) at δ and its gradient and Hessian in value fractions x, by hand.
+
+    δ_i = x_i · AUM/p_i, so ∂(p_i δ_i)/∂x_i = `k`_i (= AUM up to rounding). Where F is
+    piecewise smooth the derivatives are those of the active piece, taken as automatic
+    differentiation takes them at a kink: |y|' = 1 at y = 0; a max averages the gradients of
+    the tied entries (½ each for max(·, 0) at 0); branches and integer fees have none.
+
+    eq. 11: only a tax branch G_i = −γ_t/2 (|w^b_i − w*_i| + |w^a_i − w*_i|)/w*_i moves with
+    δ, through w^a_i = a_i/A (a = p ⊙ (R + δ), A = Σ a): ∂w^a_i/∂x_j = k_j(1[i=j] − w^a_i)/A,
+    ∂²w^a_i/∂x_j∂x_l = −k_j k_l (1[i=j] + 1[i=l] − 2 w^a_i)/A². GMX: with s = |p ⊙ δ|,
+    F = −Σ f_i s_i/(10⁴ Σ s) for fixed fees f, ∂F/∂s_j = (−f_j − 10⁴F)/(10⁴ Σ s) and
+    ∂²F/∂s_j∂s_l = (f_j + f_l + 2·10⁴F)/(10⁴ (Σ s)²); at δ = 0, F = −Σ f_i s_i/10⁴.
+    **Returns:** (F, ∇F shape `(n,)`, ∇²F shape `(n, n)`).
+    """
+    n = len(prices)
+    eye = np.eye(n)
+    if kind == "glp":
+        before = np.array([prices[i] * reserves[i] for i in range(n)])
+        after = np.array([prices[i] * (reserves[i] + delta[i]) for i in range(n)])
+        vb, va = sum(before), sum(after)
+        wb, wa = before / vb, after / va
+        g, dg, d2g = np.zeros(n), np.zeros((n, n)), np.zeros((n, n, n))
+        for i in range(n):
+            db = abs(wb[i] - target[i]) / target[i]
+            da = abs(wa[i] - target[i]) / target[i]
+            if wa[i] == wb[i]:
+                continue
+            if abs(wa[i] - target[i]) < abs(wb[i] - target[i]):
+                g[i] = tax * db
+                continue
+            g[i] = -0.5 * tax * (db + da)
+            c = -0.5 * tax * (1.0 if wa[i] - target[i] >= 0 else -1.0) / target[i]
+            for j in range(n):
+                dg[i, j] = c * k[j] * (eye[i, j] - wa[i]) / va
+                for m in range(n):
+                    d2g[i, j, m] = -c * k[j] * k[m] * (eye[i, j] + eye[i, m] - 2 * wa[i]) / va**2
+        top = [i for i in range(n) if g[i] == max(g)]
+        z = base + max(g)
+        weight = (1.0 if z > 0 else 0.5 if z == 0 else 0.0) / len(top)
+        return max(z, 0.0), weight * dg[top].sum(0), weight * d2g[top].sum(0)
+    if kind == "gmx":
+        usdg = [prices[i] * reserves[i] for i in range(n)]
+        total = sum(usdg)
+        trade = np.array([prices[i] * delta[i] for i in range(n)])
+        size = np.abs(trade)
+        fee = np.array(
+            [
+                float(
+                    gmx_fee_bps(
+                        usdg[i], size[i], target[i] * total, base * 1e4, tax * 1e4, trade[i] >= 0
+                    )
+                )
+                for i in range(n)
+            ]
+        )
+        ds = np.where(trade >= 0, 1.0, -1.0) * k  # ∂s_i/∂x_i
+        gross = float(np.sum(size))
+        if not gross > 0:
+            return -float(np.sum(fee * size)) / 1e4, -fee / 1e4 * ds, np.zeros((n, n))
+        F = -float(np.sum(fee * size)) / (1e4 * gross)
+        dF = (-fee - 1e4 * F) / (1e4 * gross)
+        d2F = (fee[:, None] + fee[None, :] + 2e4 * F) / (1e4 * gross**2)
+        return F, dF * ds, d2F * np.outer(ds, ds)
+    raise _no_discount(kind)
+
+
+def twm_ascent(
+    objective, project, x0: np.ndarray, num_steps: int
+) -> tuple[np.ndarray, float, float]:
+    """Projected gradient ascent from the surrogate start `x0` (Chitra et al. §3.3).
+
+    `objective`(x, derivatives) → (value, gradient, Hessian). The first step size is
+    η = 1/‖∇²(x0)‖_F (1 when that is 0 or not finite). The incumbent is x0 if its value is
+    positive, else the zero trade (value 0). Each of `num_steps` steps tries
+    project(x + η·s·∇) for s in `TWM_STEP_SCALES`, moves to the best (the first of equals, NaN
+    counting as −∞) if it beats the incumbent and carries η·s on, else shrinks η by 2⁶.
+    **Returns:** (best x, its value, the value at x0).
+    """
+    v0, _, hess = objective(x0)
+    sq = float(np.sum(hess * hess))
+    eta = 1.0 / math.sqrt(sq) if math.isfinite(sq) and sq > 0 else 1.0
+    x, v = (x0.copy(), v0) if v0 > 0 else (np.zeros_like(x0), 0.0)
+    for _ in range(num_steps):
+        grad = objective(x)[1]
+        grad = np.where(np.isfinite(grad), grad, 0.0)
+        best, best_k, best_x = -math.inf, 0, None
+        for kk, s in enumerate(TWM_STEP_SCALES):
+            cand = project(x + (eta * s) * grad)
+            val = objective(cand, False)[0]
+            val = -math.inf if math.isnan(val) else val
+            if best_x is None or val > best:
+                best, best_k, best_x = val, kk, cand
+        if best > v:
+            x, v, eta = best_x, best, eta * TWM_STEP_SCALES[best_k]
+        else:
+            eta *= TWM_STEP_SCALES[0]
+    return x, v, v0
+
+
+def twm_objectives(
+    kind: str,
+    prices: np.ndarray,
+    reserves: np.ndarray,
+    value: float,
+    prm: RefParams,
+):
+    """The arbitrageur's profits in value fractions x = p ⊙ δ / AUM, with their derivatives.
+
+    Creation, eq. 7: S(x) = F(δ)·pᵀδ with δ = x·AUM/p (pᵀδ = AUM·Σx). Redemption, eq. 10:
+    R(λ) = pᵀλ·f/(1 + f), f = F(−λ) (−∞ where 1 + f ≤ 0). **Returns:** (creation, redemption,
+    F of x, to_tokens): the first two map (x, derivatives=True) to (value, gradient,
+    Hessian), the last two None without derivatives.
+    """
+    n = len(prices)
+    scale = max(value, np.finfo(np.float64).tiny)
+    to_tokens = scale / prices
+    k = prices * to_tokens
+    w, base, tax = prm.target_weights, prm.discount_base, prm.discount_tax
+
+    def F_x(x: np.ndarray) -> float:
+        return twm_discount(kind, prices, w, reserves, x * to_tokens, base, tax)
+
+    def create(x: np.ndarray, derivatives: bool = True):
+        F = F_x(x)
+        total = float(np.sum(scale * x))  # pᵀδ
+        if not derivatives:
+            return F * total, None, None
+        _, dF, d2F = discount_jet(kind, prices, w, reserves, x * to_tokens, k, base, tax)
+        one = np.ones(n)
+        hess = d2F * total + scale * (np.outer(dF, one) + np.outer(one, dF))
+        return F * total, dF * total + F * scale, hess
+
+    def redeem(lam: np.ndarray, derivatives: bool = True):
+        f = F_x(-lam)
+        total = float(np.sum(scale * lam))  # pᵀλ
+        den = 1.0 + f
+        if not den > 0:
+            return -math.inf, np.zeros(n), np.full((n, n), np.nan)
+        r, r1, r2 = f / den, 1.0 / den**2, -2.0 / den**3  # f/(1 + f) and its derivatives
+        if not derivatives:
+            return total * r, None, None
+        _, dF, d2F = discount_jet(kind, prices, w, reserves, -lam * to_tokens, k, base, tax)
+        df = -dF  # ∂f/∂λ; ∂²f/∂λ² = ∇²F (two sign flips)
+        one = np.ones(n)
+        hess = scale * r1 * (np.outer(one, df) + np.outer(df, one)) + total * (
+            r2 * np.outer(df, df) + r1 * d2F
+        )
+        return total * r, scale * r * one + total * r1 * df, hess
+
+    return create, redeem, F_x, to_tokens
+
+
+def twm_trade(
+    kind: str,
+    prices: np.ndarray,
+    reserves: np.ndarray,
+    supply: float,
+    value: float,
+    available: np.ndarray,
+    prm: RefParams,
+    num_steps: int,
+) -> dict[str, Any]:
+    """One step of target-weight arbitrage on one pool (DESIGN step 5; Chitra et al. §3.3).
+
+    The arbitrageur solves, in value fractions x of AUM, creation (eq. 7: deposit δ ≥ 0, each
+    x_i ≤ twm_capital, for shares worth (1 + F(δ))·pᵀδ) and redemption (eq. 10: take
+    0 ≤ λ ≤ R^A, each at most twm_capital of AUM, for shares worth pᵀλ/(1 + F(−λ))), F the
+    discount (eq. 11 "glp" or GMX fees "gmx"). Each starts at the surrogate optimum δ_H = g/μ
+    (λ_H = −g/μ for redemption), g the one-sided differences of F at 0 over `TWM_EPS` of AUM
+    per asset (forward for a deposit, backward for a withdrawal), projected on its box, and is
+    refined by `twm_ascent` for `num_steps` steps. The more profitable trade is done if its
+    profit exceeds twm_cost × AUM (a creation wins ties; it must bring assets in), settled by
+    `twm_settle`. **Returns:** reserve_change (tokens), supply_change, flow (pᵀδ − pᵀλ), gain
+    (the arbitrageur's, = the LPs' dilution), created, redeemed (0/1), and each solver's
+    trade and profit.
+    """
+    n = len(prices)
+    scale = max(value, np.finfo(np.float64).tiny)
+    create, redeem, F_x, to_tokens = twm_objectives(kind, prices, reserves, value, prm)
+    zero = np.zeros(n)
+    f0 = F_x(zero)
+    eye = np.eye(n) * TWM_EPS
+    g_in = np.array([(F_x(eye[i]) - f0) / TWM_EPS for i in range(n)])
+    g_out = np.array([-(F_x(-eye[i]) - f0) / TWM_EPS for i in range(n)])
+    cap = np.full(n, prm.twm_capital)
+    room = np.minimum(np.maximum(available, 0.0) * prices / scale, cap)
+
+    def box_create(x: np.ndarray) -> np.ndarray:
+        return np.minimum(np.maximum(x, 0.0), cap)
+
+    def box_redeem(lam: np.ndarray) -> np.ndarray:
+        return np.minimum(np.maximum(lam, 0.0), room)
+
+    mu = prm.twm_mu
+    x_c, profit_c, _ = twm_ascent(create, box_create, box_create(g_in / mu), num_steps)
+    x_r, profit_r, _ = twm_ascent(redeem, box_redeem, box_redeem(-g_out / mu), num_steps)
+    threshold = prm.twm_cost * scale
+    c_ok = profit_c > threshold and float(np.sum(x_c)) > 0
+    r_ok = profit_r > threshold
+    do_create = c_ok and (not r_ok or profit_c >= profit_r)
+    do_redeem = r_ok and not do_create
+    delta = x_c * to_tokens if do_create else zero
+    lam = x_r * to_tokens if do_redeem else zero
+    value_in = sum(prices[i] * delta[i] for i in range(n))
+    value_out = sum(prices[i] * lam[i] for i in range(n))
+    w, base, tax = prm.target_weights, prm.discount_base, prm.discount_tax
+    f_create = twm_discount(kind, prices, w, reserves, delta, base, tax) if do_create else 0.0
+    f_redeem = twm_discount(kind, prices, w, reserves, -lam, base, tax) if do_redeem else 0.0
+    settled = twm_settle(value, supply, value_in, f_create, value_out, f_redeem)
+    return {
+        "reserve_change": delta - lam,
+        "supply_change": settled["minted"] - settled["burnt"],
+        "flow": value_in - value_out,
+        "gain": settled["gain"],
+        "created": int(do_create),
+        "redeemed": int(do_redeem),
+        "create_trade": x_c,
+        "create_profit": profit_c,
+        "redeem_trade": x_r,
+        "redeem_profit": profit_r,
+    }
+
+
+def twm_brute_force(
+    kind: str,
+    prices: np.ndarray,
+    reserves: np.ndarray,
+    value: float,
+    available: np.ndarray,
+    prm: RefParams,
+    points: int = 21,
+    refine: int = 3000,
+    seed: int = 0,
+) -> dict[str, tuple[float, np.ndarray]]:
+    """The best creation (eq. 7) and redemption (eq. 10) profits by brute force, no gradients.
+
+    Each box of value fractions (creation [0, twm_capital]ⁿ, redemption [0, min(R^A p/AUM,
+    twm_capital)] per asset) is searched on a grid of `points` per axis, then by `refine`
+    random points around the incumbent, in a radius that halves whenever 100 draws in a row
+    fail to improve (from a tenth of the box) and, half of the time, on the box's faces.
+    Creations must bring assets in (Σx > 0). **Returns:** {"create": (profit, x), "redeem":
+    (profit, λ)}, the zero trade (profit 0) when nothing beats it.
+    """
+    n = len(prices)
+    create, redeem, _, _ = twm_objectives(kind, prices, reserves, value, prm)
+    cap = np.full(n, prm.twm_capital)
+    room = np.minimum(np.maximum(available, 0.0) * prices / max(value, 1e-300), cap)
+    rng = np.random.default_rng(seed)
+    return {
+        "create": _box_search(create, cap, True, points, refine, rng),
+        "redeem": _box_search(redeem, room, False, points, refine, rng),
+    }
+
+
+def _box_search(
+    objective, hi: np.ndarray, deposit: bool, points: int, refine: int, rng: np.random.Generator
+) -> tuple[float, np.ndarray]:
+    """`twm_brute_force` on one box [0, hi]: (best value, its x); (0, 0) if none is positive."""
+    n = len(hi)
+    best, best_x = 0.0, np.zeros(n)
+
+    def value(x: np.ndarray) -> float:
+        if deposit and not np.sum(x) > 0:
+            return -math.inf
+        return objective(x, False)[0]
+
+    axes = [np.linspace(0.0, h, points) for h in hi]
+    for x in np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, n):
+        val = value(x)
+        if val > best:
+            best, best_x = val, x
+    radius, misses = 0.1 * hi, 0
+    for _ in range(refine):
+        x = np.clip(best_x + radius * rng.uniform(-1.0, 1.0, n), 0.0, hi)
+        if rng.uniform() < 0.5:  # snap one coordinate to a face of the box
+            i = rng.integers(n)
+            x[i] = hi[i] if rng.uniform() < 0.5 else 0.0
+        val = value(x)
+        if val > best:
+            best, best_x, misses = val, x, 0
+            continue
+        misses += 1
+        if misses >= 100:
+            radius, misses = radius / 2.0, 0
+    return best, best_x
+
+
 # --------------------------------------------------------------------------- views
 
 
@@ -1034,7 +1486,7 @@ def share_price(st: RefState, num_risky: int) -> float:
     return aum(st, num_risky) / st.supply
 
 
-BOOK_FIELDS = ("size", "notional", "margin", "spread", "count", "is_open")
+BOOK_FIELDS = ("size", "notional", "margin", "spread", "count", "is_open", "slope")
 
 
 def book_arrays(st: RefState) -> dict[str, np.ndarray]:
@@ -1056,5 +1508,6 @@ def set_book(st: RefState, arrays: dict[str, np.ndarray]) -> None:
             margin=float(arrays["margin"][i, s, k]),
             spread=float(arrays["spread"][i, s, k]),
             count=float(arrays["count"][i, s, k]),
+            slope=float(arrays["slope"][i, s, k]) if "slope" in arrays else 0.0,
             is_open=bool(arrays["is_open"][i, s, k]),
         )

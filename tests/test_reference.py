@@ -65,7 +65,7 @@ BUSY = {
 }
 
 ACCOUNT_TOTALS = tuple(f for f in ref.ACCOUNT_FIELDS if "identity_error" not in f)
-BOOK_FLOATS = ("size", "notional", "margin", "spread", "count")
+BOOK_FLOATS = ("size", "notional", "margin", "spread", "count", "slope")
 
 
 def one_pool(raw: dict):
@@ -81,6 +81,8 @@ def one_pool(raw: dict):
         mode=spec.mode,
         has_numeraire=spec.has_numeraire,
         rebalance=spec.rebalance,
+        discount=spec.discount,
+        twm_steps=spec.twm_steps,
     )
     return params, model, spec, rspec, ref.params_from_pdlpjax(params)
 
@@ -276,8 +278,9 @@ def test_passive_mode_matches_reference(model, rebalance):
 
 
 def jax_book(**fields) -> market.Book:
-    """A `market.Book` from nested lists (float64; `is_open` bool)."""
+    """A `market.Book` from nested lists (float64; `is_open` bool; slope 0 if not given)."""
     out = {}
+    fields.setdefault("slope", np.zeros(np.shape(fields["size"])))
     for name in ref.BOOK_FIELDS:
         dtype = bool if name == "is_open" else jnp.float64
         out[name] = jnp.asarray(np.asarray(fields[name]), dtype)
@@ -734,7 +737,7 @@ def test_merge_rule_hand_computed():
         )
     assert float(written) == m_count and float(merged) == merges == 4
     np.testing.assert_array_equal(np.asarray(got.is_open), want["is_open"])
-    for name in ("size", "notional", "margin", "spread", "count"):
+    for name in BOOK_FLOATS:
         np.testing.assert_allclose(np.asarray(getattr(got, name)), want[name], rtol=1e-12)
 
 
@@ -1123,3 +1126,355 @@ def test_twm_settlement_matches_reference():
             assert_close(f"step {t} dilution", want["gain"], tw.profit)
             kinds.add("create" if float(tw.created) else "redeem")
         assert "create" in kinds
+
+
+# --------------------------------------------------------------------------- target weights
+
+T_TWM = 100  # steps of the glp run (creations and redemptions both happen)
+T_GMX = 40  # steps of the gmx run (GMX fees never pay: nothing trades)
+# The solver's pick must earn at least (1 − this) of the brute-force optimum.
+TWM_OPTIMUM_RTOL = 0.01
+
+
+def twm_run(kind: str, steps: int) -> dict:
+    """BUSY with the target-weight arbitrage on (`pool.discount = kind`), run through the
+    JAX step (every state kept) and through the reference on the same draws, in float64."""
+    raw = {**BUSY, "pool": {**BUSY["pool"], "discount": kind}}
+    with jax.enable_x64(True):
+        params, model, spec, rspec, rparams = one_pool(raw)
+        key = P.pool_keys(0, 1)[0][0]
+        noise_fn = jax.jit(lambda t: P.draw_noise(model, spec, key, t))
+        step_fn = jax.jit(lambda s, p, n: P.step(s, p, model, spec, n))
+        s = P.init_state(params, model, spec)
+        states, noises = [], []
+        for t in range(steps):
+            n = noise_fn(t)
+            s = step_fn(s, params, n)
+            states.append(to_numpy(s))
+            noises.append(to_numpy(n))
+    states = jtu.tree_map(lambda *xs: np.stack(xs), *states)
+    noise = jtu.tree_map(lambda *xs: np.stack(xs), *noises)
+    ref_states, st = [], ref.init_ref_state(rspec, rparams)
+    for t in range(steps):
+        st = ref.step(st, rparams, rspec, ref.noise_from_pdlpjax(noise, t))
+        ref_states.append(st)
+    return dict(kind=kind, params=params, spec=spec, rparams=rparams, states=states, ref=ref_states)
+
+
+@pytest.fixture(scope="module")
+def twm_glp():
+    return twm_run("glp", T_TWM)
+
+
+@pytest.fixture(scope="module")
+def twm_gmx():
+    return twm_run("gmx", T_GMX)
+
+
+@pytest.mark.parametrize("kind", ["glp", "gmx"])
+def test_twm_step_matches_reference_every_step(kind, request):
+    """The JAX step with target-weight arbitrage (step 5: creation eq. 7 or redemption eq. 10
+    priced by the discount F, eq. 11 "glp" or GMX fees "gmx") against the reference step,
+    whose solver is written independently, on the same draws: state, book and accounts
+    (twm_flows, dilution, creations, redemptions, share_dilution included) to 1e-9 at every
+    step, and both identities to 1e-12.
+
+    glp (eq. 11 as printed, F ≥ γ_b > 0 on any trade moving a weight toward w*) pays both
+    ways: the run has creations and redemptions. GMX fees are never negative, so F ≤ 0 and
+    neither eq. 7 nor eq. 10 can profit: the gmx run must not trade at all (both solvers
+    still run every step; `test_twm_discount_derivatives_match_autodiff` checks what they
+    see, F and its derivatives)."""
+    run = request.getfixturevalue(f"twm_{kind}")
+    r = run["spec"].num_risky
+    for t in range(len(run["ref"])):
+        compare_state(run["ref"][t], at(run["states"], t), r, t)
+    acc = run["ref"][-1].accounts
+    if kind == "glp":
+        assert acc["creations"] > 0 and acc["redemptions"] > 0
+        assert acc["dilution"] > 0 and acc["share_dilution"] < 0
+    else:
+        assert acc["creations"] == acc["redemptions"] == acc["dilution"] == 0
+
+
+# Pool states (prices, reserves, share supply, AUM, R^A; BTC, ETH, numéraire) after steps 3,
+# 9, ..., 97 of the BUSY run with pool.discount = "glp" (commit 6d89693), to 10 digits: fixed
+# here, so that the optimality checks do not move with the book's trajectory.
+TWM_STATES = {
+    3: (
+        (61006.01424, 3066.676422, 1.0),
+        (4.15254007, 84.01296184, 344744.696),
+        841440.8097,
+        856875.2894,
+        (2.906778049, 71.2006397, 241321.2872),
+    ),
+    9: (
+        (57196.29883, 2946.597999, 1.0),
+        (6.81689432, 138.6470204, 518074.7424),
+        1336250.258,
+        1315127.942,
+        (5.059769539, 105.1048604, 362652.3197),
+    ),
+    19: (
+        (65600.56716, 4109.496763, 1.0),
+        (6.688479743, 120.7229556, 516712.5902),
+        1302698.365,
+        1435285.481,
+        (4.68193582, 92.03588891, 361698.8132),
+    ),
+    29: (
+        (52147.41795, 4156.87266, 1.0),
+        (20.5479184, 290.2556925, 1446445.689),
+        3653865.055,
+        3678758.905,
+        (14.69981314, 209.9443671, 1012511.982),
+    ),
+    49: (
+        (76623.9035, 4908.824411, 1.0),
+        (8.857063522, 134.7466691, 972326.2063),
+        1996462.283,
+        2267549.027,
+        (5.676743271, 85.67635298, 658251.8881),
+    ),
+    71: (
+        (132833.8071, 11043.28349, 1.0),
+        (8.834466725, 106.554485, 1249648.83),
+        2186203.527,
+        3472195.113,
+        (4.445420039, 63.28263711, 823290.1554),
+    ),
+    76: (
+        (136680.5383, 12251.30762, 1.0),
+        (2.491024071, 28.30225075, 499191.1452),
+        694274.7256,
+        1121422.883,
+        (0.7271646446, 12.29273919, 327847.1563),
+    ),
+    97: (
+        (169994.4222, 15913.85872, 1.0),
+        (2.514309221, 26.9133471, 583944.0738),
+        785902.5218,
+        1426915.567,
+        (1.874021559, 20.41042253, 408760.8516),
+    ),
+}
+_TWM_POINTS: dict = {}
+
+
+def jax_twm(kind: str, params, spec):
+    """Jitted (pool, AUM, R^A) → (`twm_arbitrage`'s result, each solver's trade and profit),
+    the solvers set up as `twm_arbitrage` sets them up."""
+    from pdlpjax.arbitrage import create_arbitrage, redeem_arbitrage
+    from pdlpjax.discount import discount_subgradient
+    from pdlpjax.twm import discount_function, twm_arbitrage
+
+    pp, steps = params.pool, spec.twm_steps
+
+    @jax.jit
+    def solve(pool, value, avail):
+        picked = twm_arbitrage(kind, pool, value, avail, pp, steps)
+        p = pool.prices
+        scale = jnp.maximum(value, jnp.finfo(p.dtype).tiny)
+        F = discount_function(kind, p, pool.reserves, pp)
+
+        def F_x(x):
+            return F(x * (scale / p))
+
+        n = p.shape[0]
+        g_in = discount_subgradient(F_x, n, p.dtype, eps=1e-3)
+        g_out = -discount_subgradient(lambda x: F_x(-x), n, p.dtype, eps=1e-3)
+        cap = jnp.broadcast_to(pp.twm_capital, p.shape)
+        ones = jnp.ones_like(p) * scale
+        room = jnp.minimum(jnp.maximum(avail, 0.0) * p / scale, cap)
+        c = create_arbitrage(F_x, ones, jnp.zeros_like(p), pp.twm_mu, steps, g=g_in, upper=cap)
+        rd = redeem_arbitrage(F_x, ones, room, pp.twm_mu, steps, g=g_out)
+        return picked, (c.trade, c.profit, rd.trade, rd.profit)
+
+    return solve
+
+
+def twm_point(kind: str, t: int) -> dict:
+    """`TWM_STATES[t]` under the discount `kind` (BUSY's other settings): the JAX solvers'
+    results, the reference's (`ref.twm_trade`) and the brute-force optimum
+    (`ref.twm_brute_force`), cached."""
+    if (kind, t) in _TWM_POINTS:
+        return _TWM_POINTS[kind, t]
+    prices, reserves, supply, value, avail = (np.asarray(a, np.float64) for a in TWM_STATES[t])
+    raw = {**BUSY, "pool": {**BUSY["pool"], "discount": kind}}
+    with jax.enable_x64(True):
+        params, _, spec, _, rprm = one_pool(raw)
+        if ("solve", kind) not in _TWM_POINTS:
+            _TWM_POINTS["solve", kind] = jax_twm(kind, params, spec)
+        pool = P.PoolState(jnp.asarray(prices), jnp.asarray(reserves), jnp.asarray(supply))
+        out = _TWM_POINTS["solve", kind](pool, jnp.asarray(value), jnp.asarray(avail))
+        picked, solvers = to_numpy(out)
+    args = (kind, prices, reserves)
+    mine = ref.twm_trade(*args, float(supply), float(value), avail, rprm, spec.twm_steps)
+    brute = ref.twm_brute_force(*args, float(value), avail, rprm, points=21, refine=3000)
+    _TWM_POINTS[kind, t] = dict(
+        value=float(value), picked=picked, solvers=solvers, ref=mine, brute=brute
+    )
+    return _TWM_POINTS[kind, t]
+
+
+def twm_xfail(reason: str):
+    """A known shortfall of the solver: it must fail (strict), for the reason given."""
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+TWM_PICK_XFAIL = (
+    "the pick earns {:.1%} of the brute-force optimum: eq. 11 as printed jumps where an "
+    "asset's weight stops moving toward w* (past the mirror of its deviation), the gradient "
+    "is 0 on a rebate branch, so the ascent runs to the capital cap; the optimum deposits a "
+    "little less of one asset and keeps its rebate"
+)
+
+
+@pytest.mark.parametrize(
+    "kind,t",
+    [
+        ("glp", 9),
+        ("glp", 19),
+        ("glp", 29),
+        ("glp", 49),
+        ("glp", 71),
+        ("glp", 76),
+        ("gmx", 9),
+        ("gmx", 49),
+        ("gmx", 97),
+        pytest.param("glp", 3, marks=twm_xfail(TWM_PICK_XFAIL.format(0.9505))),
+        pytest.param("glp", 97, marks=twm_xfail(TWM_PICK_XFAIL.format(0.9657))),
+    ],
+)
+def test_twm_pick_near_brute_force_optimum(kind, t):
+    """Optimality of the target-weight arbitrage, independently of the solver: on the pool
+    state `TWM_STATES[t]`, the profit of the trade `twm_arbitrage` picks (creation eq. 7 or
+    redemption eq. 10, discount eq. 11) is at least 99% (tolerance `TWM_OPTIMUM_RTOL` = 1%) of
+    the best found by `ref.twm_brute_force` (a 21-point grid per asset over each box of value
+    fractions, [0, twm_capital]³ and [0, min(R^A p/AUM, twm_capital)]³, then 3000 random
+    refinements; no gradients). The reference's solver agrees with both JAX solvers (profits
+    to 1e-9, trades to 1e-6) and with the pick. gmx: no trade can profit (F ≤ 0), none is made.
+
+    Of the 8 glp states the pick is within 1% on 6: after steps 3 and 97 it is materially
+    below (95.0%, 96.6%: xfail, strict)."""
+    pt = twm_point(kind, t)
+    picked, (c_trade, c_profit, r_trade, r_profit) = pt["picked"], pt["solvers"]
+    mine, value = pt["ref"], pt["value"]
+    assert_close(f"state {t} create profit", mine["create_profit"], c_profit)
+    assert_close(f"state {t} redeem profit", mine["redeem_profit"], r_profit)
+    # At an interior optimum the profit is flat to first order, so rounding can move the
+    # trade by up to about √ε (seen: 3e-8) while the profits agree to 1e-15.
+    assert_close(f"state {t} create trade", mine["create_trade"], c_trade, rtol=1e-6)
+    assert_close(f"state {t} redeem trade", mine["redeem_trade"], r_trade, rtol=1e-6)
+    assert_close(f"state {t} pick", mine["gain"], picked.profit)
+    assert (mine["created"], mine["redeemed"]) == (float(picked.created), float(picked.redeemed))
+    best = max(pt["brute"]["create"][0], pt["brute"]["redeem"][0])
+    if kind == "gmx":
+        assert best == 0.0 and float(picked.created + picked.redeemed) == 0
+        return
+    assert float(picked.created + picked.redeemed) == 1
+    got = float(picked.profit)
+    assert got >= (1.0 - TWM_OPTIMUM_RTOL) * best, (
+        f"state {t}: the pick earns {got / value:.6e} of AUM, brute force {best / value:.6e} "
+        f"({got / best:.2%})"
+    )
+
+
+TWM_SOLVER_XFAIL = (
+    "the {} solver alone earns {:.1%} of the brute-force optimum of its box: the jumps of "
+    "eq. 11 (see the pick's xfail)"
+)
+_SOLVER_SHORT = {  # (side, state): the solver's share of the brute-force optimum
+    ("create", 3): 0.9505,
+    ("create", 29): 0.9462,
+    ("create", 71): 0.6765,
+    ("create", 97): 0.9657,
+    ("redeem", 3): 0.9822,
+    ("redeem", 19): 0.9787,
+    ("redeem", 49): 0.9648,
+    ("redeem", 76): 0.8413,
+}
+
+
+@pytest.mark.parametrize(
+    "side,t",
+    [
+        pytest.param(
+            side,
+            t,
+            marks=[twm_xfail(TWM_SOLVER_XFAIL.format(side, _SOLVER_SHORT[side, t]))]
+            if (side, t) in _SOLVER_SHORT
+            else [],
+        )
+        for side in ("create", "redeem")
+        for t in TWM_STATES
+    ],
+)
+def test_twm_each_solver_near_brute_force_optimum(side, t):
+    """Each solver on its own box (glp, `TWM_STATES[t]`): the profit of the creation (eq. 7)
+    or redemption (eq. 10) solver is at least 99% (tolerance `TWM_OPTIMUM_RTOL` = 1%) of
+    `ref.twm_brute_force`'s best on the same box.
+
+    Each is within 1% on 4 of the 8 states; the others are xfail (strict), worst: creation
+    67.6% (state 71), redemption 84.1% (state 76). The pick is better than either (6 of 8,
+    `test_twm_pick_near_brute_force_optimum`): the other side is often the optimum."""
+    pt = twm_point("glp", t)
+    c_trade, c_profit, r_trade, r_profit = pt["solvers"]
+    got = float(c_profit if side == "create" else r_profit)
+    best = pt["brute"][side][0]
+    assert got >= (1.0 - TWM_OPTIMUM_RTOL) * best, (
+        f"state {t}: the {side} solver earns {got / pt['value']:.6e} of AUM, brute force "
+        f"{best / pt['value']:.6e} ({got / best:.2%})"
+    )
+
+
+@pytest.mark.parametrize("kind", ["glp", "gmx"])
+def test_twm_discount_derivatives_match_autodiff(kind, request):
+    """The reference's F (eq. 11 as printed; GMX fees, integer bps with floors) and its
+    gradient and Hessian in value fractions (`ref.discount_jet`, by hand) against the JAX
+    F and jax.grad / jax.hessian, at random trades of both signs (deposits and withdrawals,
+    each up to twm_capital of AUM) on pool states of the run: to 1e-9."""
+    from pdlpjax.twm import discount_function
+
+    run = request.getfixturevalue(f"twm_{kind}")
+    pp, prm = run["params"].pool, run["rparams"]
+
+    @jax.jit
+    def jet(p, res, value, x):
+        F = discount_function(kind, p, res, pp)
+
+        def F_x(y):
+            return F(y * (value / p))
+
+        return F_x(x), jax.grad(F_x)(x), jax.hessian(F_x)(x)
+
+    rng = np.random.default_rng(1)
+    fees = set()
+    for t in (0, 10, 20, 30):
+        js = at(run["states"], t)
+        p, res = js.pool.prices, js.pool.reserves
+        value = float(ref.aum(run["ref"][t], run["spec"].num_risky))
+        to_tokens = value / p
+        for _ in range(5):
+            x = rng.uniform(-prm.twm_capital, prm.twm_capital, p.shape)
+            with jax.enable_x64(True):
+                want = to_numpy(jet(*(jnp.asarray(a) for a in (p, res, value, x))))
+            got = ref.discount_jet(
+                kind,
+                p,
+                prm.target_weights,
+                res,
+                x * to_tokens,
+                p * to_tokens,
+                prm.discount_base,
+                prm.discount_tax,
+            )
+            value_f = ref.twm_discount(
+                kind, p, prm.target_weights, res, x * to_tokens, prm.discount_base, prm.discount_tax
+            )
+            where = f"{kind} step {t} x {x}: "
+            assert_close(where + "F", got[0], want[0])
+            assert_close(where + "F (value)", value_f, want[0])
+            assert_close(where + "gradient", got[1], want[1])
+            assert_close(where + "Hessian", got[2], want[2])
+            fees.add(round(float(want[0]), 6))
+    assert len(fees) > 1  # not one constant F
