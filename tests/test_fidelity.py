@@ -31,18 +31,11 @@ def _load_fidelity():
 
 fid = _load_fidelity()
 
-# Known misses, (scenario, metric) -> why. Merging buckets keeps each bucket's size, entry
-# notional, margin and the mean and variance of its members' liquidation prices, but not how
-# entry prices vary with them: a liquidated chunk is charged the bucket's average entry
-# price. In a merged long bucket the members liquidated first (highest keys) tend to have
-# entered higher, with more margin per token than that average gives, so the margin the pool
-# takes at liquidations is understated (here −4.9% at K = 16, SE 0.6%; −1.5% at K = 32,
-# −0.1% at K = 64; 256 pools × 720 steps: −6.2% at K = 16). It is a label, not value: a
-# liquidated chunk's π + c_L = δ_L (p − μ) does not depend on its entry notional, so what
-# its margin misses its settled PnL makes up: bad debt and pool value do not depend on it.
-KNOWN_MISSES = {
-    ("quickstart", "liquidated_margin"): "merged buckets lose the entry-price/key correlation",
-}
+# Known misses, (scenario, metric) -> why (none today). A liquidated chunk's entry notional
+# is what the bucket's slope of entry price on key gives its keys (`market.Book.slope`); before
+# the slope existed, merged buckets charged it the bucket's average entry price and the
+# quickstart's liquidated margin missed by −4.9% here (−6.2% at 256 pools × 720 steps).
+KNOWN_MISSES: dict[tuple[str, str], str] = {}
 
 
 @functools.cache
