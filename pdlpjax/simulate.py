@@ -848,7 +848,9 @@ class _HeldInterrupt:
     (a run that exits 0 after Ctrl-C). So the signal is only noted while a chunk runs and
     raised between chunks, where the state is whole and `on_chunk` has seen it (`run_config`
     then checkpoints it). A second Ctrl-C raises at once. Only in the main thread and only
-    over Python's default handler: a caller's own handler is left alone.
+    over Python's default handler: a caller's own handler is left alone, and so is an
+    ignored SIGINT (a job started in the background by a script inherits it ignored, as
+    POSIX shells do; Python keeps it so): such a run goes on to its end, as it should.
     """
 
     def __enter__(self) -> _HeldInterrupt:
