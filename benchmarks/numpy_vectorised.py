@@ -27,8 +27,8 @@ size (funding at most a bucket's margin, fees uncapped); a fixed fraction 1/mean
 every bucket exits each step.
 - merge mode (default): K slots per (market, side), open buckets in ascending order of mean
   key. A crowd takes its place in the order (the buckets up to the first closed slot
-  shift); with all K open, the neighbours in key order among the K buckets and the crowd with
-  the least cost(i, j) = δ_i δ_j / (δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)² +
+  shift); with all K open, the crowd and a bucket, or two neighbouring buckets, with the
+  least cost(i, j) = δ_i δ_j / (δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)² +
   (p̄_i − p̄_j)²) (p̄ = n/δ, the mean entry price) merge
   (moments kept).
 - `per_trade=True` (`run(..., per_trade=True)`, or `NpSpec.per_trade`): the book never
@@ -454,18 +454,48 @@ def _shifted(x: np.ndarray, step: int, fill) -> np.ndarray:
     return out
 
 
+def _pair_cost(b1: dict, b2: dict, sign) -> np.ndarray:
+    """δ_1 δ_2 / (δ_1 + δ_2) · ((q̄_1 − q̄_2)² + (a_1 − a_2)² + (p̄_1 − p̄_2)²), p̄ = n/δ."""
+    d1, d2 = b1["size"], b2["size"]
+    q1 = mean_key(d1, b1["notional"], b1["margin"], sign)
+    q2 = mean_key(d2, b2["notional"], b2["margin"], sign)
+    e1, e2 = b1["notional"] / _safe(d1), b2["notional"] / _safe(d2)
+    gaps = (q1 - q2) ** 2 + (b1["spread"] - b2["spread"]) ** 2 + (e1 - e2) ** 2
+    return d1 * d2 / _safe(d1 + d2) * gaps
+
+
+def _into_hole(x: np.ndarray, c: np.ndarray, place: np.ndarray, hole: np.ndarray, fill):
+    """`c` at its place in order, into slot `hole`: the slots between shift one towards the
+    hole, and `c` takes `place` (hole ≥ place) or `place − 1` (hole < place)."""
+    slots = np.arange(x.shape[-1])
+    right = hole >= place
+    from_left = right & (slots > place) & (slots <= hole)  # takes x[j − 1]
+    from_right = ~right & (slots >= hole) & (slots < place - 1)  # takes x[j + 1]
+    moved = np.where(
+        from_left, _shifted(x, 1, fill), np.where(from_right, _shifted(x, -1, fill), x)
+    )
+    return np.where(np.where(right, slots == place, slots == place - 1), c[..., None], moved)
+
+
+def _first_above(keys: np.ndarray, is_open: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """The first open slot whose key exceeds `key` (the number of slots if none)."""
+    slots = np.arange(keys.shape[-1])
+    return np.where(is_open & (keys > key[..., None]), slots, keys.shape[-1]).min(-1)[..., None]
+
+
 def _insert(
     book: NpBook, crowd: dict, write: np.ndarray, per_trade: bool
 ) -> tuple[NpBook, np.ndarray]:
     """Add one crowd per (pool, market, side) where `write` (spec §Step order 6), keeping the
     open buckets in ascending order of mean key.
 
-    The crowd's place p is the first open slot whose key exceeds its own (K if none). With a
-    closed slot, the buckets between p and the first closed slot h shift one slot towards h
-    and the crowd takes p (h ≥ p) or p − 1 (h < p). With all K open, the K + 1 candidates in
-    key order (the crowd at p) merge their cheapest neighbours, cost δ_i δ_j / (δ_i + δ_j) ·
-    ((q̄_i − q̄_j)² + (a_i − a_j)² + (p̄_i − p̄_j)²) (p̄ = n/δ), the first minimum, and the
-    rest close up.
+    With a closed slot, the crowd's place p is the first open slot whose key exceeds its own
+    (K if none); the buckets between p and the first closed slot h shift one slot towards h
+    and the crowd takes p (h ≥ p) or p − 1 (h < p). With all K open, the cheapest (first
+    minimum) of these candidates merges, cost δ_i δ_j / (δ_i + δ_j) · ((q̄_i − q̄_j)² +
+    (a_i − a_j)² + (p̄_i − p̄_j)²) (p̄ = n/δ): the crowd with bucket j (j = 0..K−1, into slot
+    j), then neighbours j, j + 1 (j = 0..K−2, into slot j; the rest close up and the crowd
+    takes its place in the K − 1 buckets left).
     `per_trade`: never merge; grow the book instead.
     **Returns:** the book and the merges per pool."""
     if per_trade and np.any(write & ~(~book.is_open).any(-1)):
@@ -478,13 +508,8 @@ def _insert(
     fields = {f: getattr(book, f) for f in BOOK_FIELDS}
     keys = mean_key(book.size, book.notional, book.margin, sign[..., None])
     crowd_key = mean_key(crowd["size"], crowd["notional"], crowd["margin"], sign)
-    above = book.is_open & (keys > crowd_key[..., None])
-    place = np.where(above, slots, k).min(-1)[..., None]
+    place = _first_above(keys, book.is_open, crowd_key)
     hole = closed.argmax(-1)[..., None]
-    right = hole >= place
-    at_crowd = np.where(right, slots == place, slots == place - 1)
-    from_left = right & (slots > place) & (slots <= hole)  # takes x[j − 1]
-    from_right = ~right & (slots >= hole) & (slots < place - 1)  # takes x[j + 1]
     placing = (write & any_closed)[..., None]
     full = write & ~any_closed
     out = {}
@@ -492,38 +517,40 @@ def _insert(
         x = book.is_open if f == "is_open" else fields[f]
         c = np.ones(write.shape, bool) if f == "is_open" else crowd[f]
         fill = False if f == "is_open" else 0.0
-        moved = np.where(
-            from_left, _shifted(x, 1, fill), np.where(from_right, _shifted(x, -1, fill), x)
-        )
-        out[f] = np.where(placing, np.where(at_crowd, c[..., None], moved), x)
+        out[f] = np.where(placing, _into_hole(x, c, place, hole, fill), x)
     merged = np.zeros(book.size.shape[0])
     if np.any(full):
-        cand = np.arange(k + 1)
-
-        def line(x, c):  # the K + 1 candidates in key order
-            pad = np.concatenate([x, np.zeros_like(x[..., :1])], -1)
-            shift = np.concatenate([c[..., None], x], -1)
-            return np.where(cand < place, pad, np.where(cand == place, c[..., None], shift))
-
-        ext = {f: line(fields[f], crowd[f]) for f in BOOK_FIELDS}
-        q = line(keys, crowd_key)
-        d, a = ext["size"], ext["spread"]
-        cost = d[..., :-1] * d[..., 1:] / _safe(d[..., :-1] + d[..., 1:])
-        e = ext["notional"] / _safe(d)  # mean entry price
-        gaps = (q[..., :-1] - q[..., 1:]) ** 2 + (a[..., :-1] - a[..., 1:]) ** 2
-        cost = cost * (gaps + (e[..., :-1] - e[..., 1:]) ** 2)
-        i = cost.argmin(-1)[..., None]
-        pick_i = {f: np.take_along_axis(ext[f], i, -1)[..., 0] for f in BOOK_FIELDS}
-        pick_j = {f: np.take_along_axis(ext[f], i + 1, -1)[..., 0] for f in BOOK_FIELDS}
-        joined = merge_buckets(pick_i, pick_j, sign)
+        s3 = sign[..., None]
+        one = {f: crowd[f][..., None] for f in BOOK_FIELDS}
+        left = {f: fields[f][..., :-1] for f in BOOK_FIELDS}
+        right_ = {f: fields[f][..., 1:] for f in BOOK_FIELDS}
+        cost = np.concatenate([_pair_cost(fields, one, s3), _pair_cost(left, right_, s3)], -1)
+        best = cost.argmin(-1)[..., None]
+        joins = best < k
+        j = best - k
+        with_crowd = merge_buckets(fields, one, s3)
+        pairs = merge_buckets(left, right_, s3)
+        closed_up = {
+            f: np.where(
+                slots < j,
+                fields[f],
+                np.where(
+                    slots == j,
+                    np.concatenate([pairs[f], pairs[f][..., :1]], -1),
+                    _shifted(fields[f], -1, 0.0),
+                ),
+            )
+            for f in BOOK_FIELDS
+        }
+        rest_open = np.broadcast_to(slots < k - 1, keys.shape)
+        rest_keys = mean_key(closed_up["size"], closed_up["notional"], closed_up["margin"], s3)
+        rest_place = _first_above(rest_keys, rest_open, crowd_key)
+        last = np.full_like(rest_place, k - 1)
         at_full = full[..., None]
         for f in BOOK_FIELDS:
-            closed_up = np.where(
-                slots < i,
-                ext[f][..., :k],
-                np.where(slots == i, joined[f][..., None], ext[f][..., 1:]),
-            )
-            out[f] = np.where(at_full, closed_up, out[f])
+            joined = np.where(slots == best, with_crowd[f], fields[f])
+            inserted = _into_hole(closed_up[f], crowd[f], rest_place, last, 0.0)
+            out[f] = np.where(at_full, np.where(joins, joined, inserted), out[f])
         merged = full.sum((1, 2)).astype(np.float64)
     return NpBook(**{f: out[f] for f in BOOK_FIELDS}, is_open=out["is_open"]), merged
 

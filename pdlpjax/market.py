@@ -19,9 +19,10 @@ One crowd is represented exactly:
 So liquidations are partial, continuous in the price and in every parameter: the pathwise
 gradient needs no relaxation. Only merging is an approximation. The buckets of a side are
 kept in ascending order of mean key, so the book is an adaptive histogram over liquidation
-prices; when all K are open, the two neighbours in that order (the new crowd among them)
-that are nearest in key and spread (a Ward-style cost) merge, and the merged bucket keeps
-the pair's mean key and key variance. Adding a crowd costs O(K).
+prices; when all K are open, the new crowd joins the bucket, or two neighbouring buckets
+merge, whichever is nearest in key, spread and entry price (a Ward-style cost), and the
+merged bucket keeps the pair's mean key, key variance and the slope of entry price on key.
+Adding a crowd costs O(K).
 
 The pool is every trader's counterparty (GMX/JLP style). What a position borrows is what the
 pool *reserves* for it: a long reserves δ tokens of its asset (its profit δ(p − p0)/p tokens
@@ -527,48 +528,58 @@ def _shift_left(x: Array, fill) -> Array:
     return jnp.concatenate([x[..., 1:], jnp.full_like(x[..., :1], fill)], -1)
 
 
-def _merge_adjacent(
-    size: Array,
-    notional: Array,
-    margin: Array,
-    spread: Array,
-    count: Array,
-    slope: Array,
-    key: Array,
-) -> tuple[Array, tuple[Array, ...]]:
-    """Every pair of neighbours (j, j + 1) along the last axis (n slots → n − 1 pairs): the
-    Ward cost of merging them, δ_j δ_{j+1}/(δ_j + δ_{j+1}) · ((q̄_j − q̄_{j+1})² +
-    (a_j − a_{j+1})² + (p̄_j − p̄_{j+1})²) (the detail lost in key, spread and mean entry
-    price p̄ = n/δ, all in price units: a liquidation's margin depends on all three), and
-    the merged fields (δ, n, c and counts add; the keys' variance is
-    the mixture's, v = (δ_j v_j + δ_{j+1} v_{j+1})/δ + δ_j δ_{j+1} (q̄_j − q̄_{j+1})²/δ²,
-    v = a²/3, a = √(3v); the slope is the mixture's covariance of entry price p0 and key
-    over v, cov = (δ_j β_j v_j + δ_{j+1} β_{j+1} v_{j+1})/δ + δ_j δ_{j+1} (q̄_j − q̄_{j+1})
-    (p̄_j − p̄_{j+1})/δ², p̄ = n/δ)."""
-    s_i, s_j = size[..., :-1], size[..., 1:]
-    q_i, q_j = key[..., :-1], key[..., 1:]
-    a_i, a_j = spread[..., :-1], spread[..., 1:]
+def _merge_pair(left: tuple[Array, ...], right: tuple[Array, ...]) -> tuple[Array, tuple]:
+    """Pairs of buckets, elementwise (each a tuple δ, n, c, a, count, β, q̄ of broadcastable
+    arrays): the Ward cost of merging them, δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² +
+    (a_i − a_j)² + (p̄_i − p̄_j)²) (the detail lost in key, spread and mean entry price
+    p̄ = n/δ, all in price units: a liquidation's margin depends on all three), and the
+    merged fields (δ, n, c and counts add; the keys' variance is the mixture's,
+    v = (δ_i v_i + δ_j v_j)/δ + δ_i δ_j (q̄_i − q̄_j)²/δ², v = a²/3, a = √(3v); the slope is
+    the mixture's covariance of entry price and key over v, cov = (δ_i β_i v_i +
+    δ_j β_j v_j)/δ + δ_i δ_j (q̄_i − q̄_j)(p̄_i − p̄_j)/δ²)."""
+    s_i, n_i, c_i, a_i, k_i, b_i, q_i = left
+    s_j, n_j, c_j, a_j, k_j, b_j, q_j = right
     total = s_i + s_j
     safe_total = _safe(total, total > 0)
-    entry = notional / _safe(size, size > 0)  # p̄ = n/δ, the mean entry price
-    p_i, p_j = entry[..., :-1], entry[..., 1:]
+    p_i = n_i / _safe(s_i, s_i > 0)
+    p_j = n_j / _safe(s_j, s_j > 0)
     cost = s_i * s_j / safe_total * ((q_i - q_j) ** 2 + (a_i - a_j) ** 2 + (p_i - p_j) ** 2)
     var = (s_i * a_i**2 + s_j * a_j**2) / (3.0 * safe_total) + s_i * s_j * (q_i - q_j) ** 2 / (
         safe_total**2
     )
-    b_i, b_j = slope[..., :-1], slope[..., 1:]
     cov = (s_i * b_i * a_i**2 + s_j * b_j * a_j**2) / (3.0 * safe_total) + s_i * s_j * (
         q_i - q_j
     ) * (p_i - p_j) / safe_total**2
     merged = (
         total,
-        notional[..., :-1] + notional[..., 1:],
-        margin[..., :-1] + margin[..., 1:],
+        n_i + n_j,
+        c_i + c_j,
         jnp.sqrt(3.0 * _safe(var, var > 0)) * (var > 0),
-        count[..., :-1] + count[..., 1:],
+        k_i + k_j,
         cov / _safe(var, var > 0) * (var > 0),
     )
     return cost, merged
+
+
+def _insert(x: Array, c: Array, place: Array, hole: Array, fill) -> Array:
+    """Write `c` at its place in order along the last axis, into the slot `hole`: the slots
+    between `place` and `hole` shift one slot towards the hole, and `c` takes `place`
+    (hole ≥ place) or `place − 1` (hole < place). `place`, `hole`: `(..., 1)`."""
+    slots = jnp.arange(x.shape[-1])
+    right = hole >= place
+    moved = jnp.where(
+        right,
+        jnp.where((slots > place) & (slots <= hole), _shift_right(x, fill), x),
+        jnp.where((slots >= hole) & (slots < place - 1), _shift_left(x, fill), x),
+    )
+    return jnp.where(jnp.where(right, slots == place, slots == place - 1), c[..., None], moved)
+
+
+def _place(book_keys: Array, is_open: Array, key: Array) -> Array:
+    """The first open slot whose key exceeds `key` (the number of slots if none), `(..., 1)`."""
+    slots = jnp.arange(book_keys.shape[-1])
+    above = is_open & (book_keys > key[..., None])
+    return jnp.min(jnp.where(above, slots, book_keys.shape[-1]), axis=-1)[..., None]
 
 
 def add_crowd(
@@ -577,21 +588,23 @@ def add_crowd(
     """Write one accepted crowd per market and side into the book (where its notional is at
     least `DUST_NOTIONAL`), keeping the open buckets in ascending order of mean key q̄.
 
-    The crowd's place is p, the first open slot whose key exceeds its own (K if none).
-    - With a closed slot, the crowd takes the order's place: the buckets between p and the
-      first closed slot h shift one slot towards h (right when h ≥ p, then the crowd takes
-      slot p; left when h < p, then it takes slot p − 1).
-    - With all K open, the K + 1 candidates in key order (the crowd inserted at p) merge
-      their cheapest *neighbours*, cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)²
-      + (p̄_i − p̄_j)²) (the size-weighted loss of detail in key, spread and mean entry
-      price; the first minimum), into one slot, and the rest close up. In key order the
-      cheapest pair is almost always a pair of neighbours, and finding it costs K costs
-      instead of (K + 1)²/2. A merge adds δ, n, c and counts (so every trader's PnL, what is
-      reserved and the mean key stay exact) and keeps the pair's key variance and the slope
-      of entry price on key (`_merge_adjacent`).
-    Fees and funding shift every key of a side by the same amount per token, so the order
-    holds between steps; where a partial liquidation or a short's fee (on entry notional)
-    reorders two buckets, only the choice of pair is affected, never a balance.
+    - With a closed slot, the crowd takes its place in the order: p, the first open slot
+      whose key exceeds its own (K if none). The buckets between p and the first closed
+      slot h shift one slot towards h (right when h ≥ p, then the crowd takes slot p; left
+      when h < p, then it takes slot p − 1).
+    - With all K open, the cheapest of 2K − 1 candidate merges happens (the first minimum
+      of the Ward cost, `_merge_pair`): the crowd with bucket j (into slot j, j = 0..K−1),
+      or neighbours j and j + 1 (into slot j, j = 0..K−2; the rest close up and the crowd
+      takes its place among the K − 1 left). The candidate set does not change when the
+      crowd's key passes a bucket's, so a small change of a parameter changes the choice
+      only where two costs tie (merging only neighbours *of the crowd* flipped it whenever
+      its place moved, which biased the pathwise gradient in leverage by 10%). A merge
+      adds δ, n, c and counts (so every trader's PnL, what is reserved and the mean key stay
+      exact) and keeps the pair's key variance and the slope of entry price on key.
+    Finding the merge costs O(K), not the (K + 1)²/2 pairs of every bucket with every
+    other. Fees and funding shift every key of a side by the same amount per token, so the
+    order holds between steps; where a partial liquidation or a short's fee (on entry
+    notional) reorders two buckets, only the choice of pair is affected, never a balance.
     Closed slots hold zeros (`_close` writes them so).
     **Returns:** the book, the number of crowds written and the number of merges.
     """
@@ -603,51 +616,51 @@ def add_crowd(
     keys = mean_key(book)
     crowd_key = (crowd.notional - SIGN[None, :] * crowd.margin) / _safe(crowd.size, crowd.size > 0)
     slots = jnp.arange(k)
-    above = book.is_open & (keys > crowd_key[..., None])
-    place = jnp.min(jnp.where(above, slots, k), axis=-1)[..., None]  # p, (r, 2, 1)
     free = ~book.is_open
     any_free = jnp.any(free, axis=-1)
-    hole = jnp.argmax(free, axis=-1)[..., None]  # h
-    right = hole >= place
-    between_right = (slots > place) & (slots <= hole)
-    between_left = (slots >= hole) & (slots < place - 1)
-    at_crowd = jnp.where(right, slots == place, slots == place - 1)
-
-    def into_hole(x, c, fill):
-        moved = jnp.where(
-            right,
-            jnp.where(between_right, _shift_right(x, fill), x),
-            jnp.where(between_left, _shift_left(x, fill), x),
-        )
-        return jnp.where(at_crowd, c[..., None], moved)
-
+    place = _place(keys, book.is_open, crowd_key)
+    hole = jnp.argmax(free, axis=-1)[..., None]
     old = (book.size, book.notional, book.margin, book.spread, book.count, book.slope)
     # A crowd entered at one price: slope 0.
     fresh = (crowd.size, crowd.notional, crowd.margin, crowd.spread, crowd.count, 0.0 * crowd.size)
-    # All K open: the K + 1 candidates in key order, then their cheapest neighbours merge.
-    cand_slots = jnp.arange(k + 1)
-
-    def with_crowd(x, c):
-        return jnp.where(
-            cand_slots < place,
-            jnp.concatenate([x, jnp.zeros_like(x[..., :1])], -1),
-            jnp.where(cand_slots == place, c[..., None], jnp.concatenate([c[..., None], x], -1)),
-        )
-
-    cand = [with_crowd(o, f) for o, f in zip(old, fresh, strict=True)]
-    cost, merged = _merge_adjacent(*cand, with_crowd(keys, crowd_key))
-    lowest = jnp.argmin(cost, axis=-1)[..., None]  # pair (i, i + 1), i < K
-
-    def closed_up(x, m):
-        chosen = jnp.sum(jnp.where(slots == lowest, m, 0.0), axis=-1, keepdims=True)
-        return jnp.where(slots < lowest, x[..., :k], jnp.where(slots == lowest, chosen, x[..., 1:]))
-
+    # All K open. Candidates: the crowd with each bucket (K), and each pair of neighbours in
+    # the book (K − 1). The set does not change when the crowd's key passes a bucket's, so
+    # a small change of a parameter changes the choice only where two costs tie.
+    crowd_cost, with_crowd = _merge_pair(
+        (*old, keys), tuple(f[..., None] for f in (*fresh, crowd_key))
+    )
+    pair_cost, pairs = _merge_pair(
+        tuple(x[..., :-1] for x in (*old, keys)), tuple(x[..., 1:] for x in (*old, keys))
+    )
+    lowest = jnp.argmin(jnp.concatenate([crowd_cost, pair_cost], -1), axis=-1)[..., None]
+    joins = lowest < k  # the crowd joins bucket `lowest`
+    pair = lowest - k  # else buckets pair, pair + 1 merge into slot `pair` and the rest close up
+    # Both merges are aligned with the slots (bucket j's with the crowd, and neighbours j and
+    # j + 1 into slot j), so no gather is needed.
+    closed = [
+        jnp.where(slots < pair, o, jnp.where(slots == pair, m, _shift_left(o, 0.0)))
+        for o, m in zip(old, (jnp.concatenate([x, x[..., :1]], -1) for x in pairs), strict=True)
+    ]
+    closed_open = slots < k - 1
+    closed_place = _place(mean_key(Book(*closed, is_open=closed_open)), closed_open, crowd_key)
+    # One insertion serves both cases: the crowd into the first closed slot of the book, or
+    # into the last slot of the book closed up after a pair merged.
     placing = (write & any_free)[..., None]
     merging = (write & ~any_free)[..., None]
-    new = [
-        jnp.where(placing, into_hole(o, f, 0.0), jnp.where(merging, closed_up(c, m), o))
-        for o, f, c, m in zip(old, fresh, cand, merged, strict=True)
+    base_place = jnp.where(placing, place, closed_place)
+    base_hole = jnp.where(placing, hole, k - 1)
+    inserted = [
+        _insert(jnp.where(placing, o, x), f, base_place, base_hole, 0.0)
+        for o, x, f in zip(old, closed, fresh, strict=True)
     ]
-    is_open = jnp.where(placing, into_hole(book.is_open, jnp.ones_like(write), False), book.is_open)
+    new = [
+        jnp.where(
+            merging & joins, jnp.where(slots == lowest, m, o), jnp.where(write[..., None], i, o)
+        )
+        for o, m, i in zip(old, with_crowd, inserted, strict=True)
+    ]
+    is_open = jnp.where(
+        placing, _insert(book.is_open, jnp.ones_like(write), place, hole, False), book.is_open
+    )
     book = Book(*new, is_open=is_open)
     return book, fixed_sum(write.astype(prices.dtype)), fixed_sum(merging.astype(prices.dtype))

@@ -30,8 +30,8 @@ follows the position book's specification ("crowd buckets", book v2), the docstr
    the collateral condition keeps the fraction a_c with m ≥ 1/η_max, the solvency cap the
    fraction a_s of the rest (requests in order). Each accepted crowd joins the K slots of
    its market and side, kept in ascending order of mean key: in a closed slot (the buckets
-   between shift), else the cheapest neighbours in key order among the K buckets and the
-   crowd (cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)² + (p̄_i − p̄_j)²), p̄ = n/δ
+   between shift), else the cheapest of the crowd with any bucket and two neighbouring
+   buckets (cost δ_i δ_j/(δ_i + δ_j) · ((q̄_i − q̄_j)² + (a_i − a_j)² + (p̄_i − p̄_j)²), p̄ = n/δ
    the mean entry price) merge.
 
 The reference consumes the same injected draws as the JAX step (a `StepNoise` whose leaves
@@ -512,19 +512,20 @@ def merge(bi: Bucket, bj: Bucket, side: int) -> Bucket:
 def add_crowd(ring: list, crowd: Bucket, side: int) -> tuple[int, int]:
     """Write a crowd into K slots kept in ascending order of mean key q̄.
 
-    Its place p is the first open slot whose key exceeds the crowd's (K if none). With a
-    closed slot, the slots between p and the first closed one h shift one place towards h
-    and the crowd takes p (h ≥ p) or p − 1 (h < p). With all K open, the K + 1 candidates in
-    key order (the crowd at p) merge their cheapest neighbours (`merge_cost`, the first
-    minimum) into one slot and the rest close up.
+    With a closed slot: the crowd's place p is the first open slot whose key exceeds the
+    crowd's (K if none); the slots between p and the first closed one h shift one place
+    towards h and the crowd takes p (h ≥ p) or p − 1 (h < p). With all K open, the cheapest
+    (`merge_cost`; the first minimum) of these candidates merges: the crowd with bucket j
+    (j = 0..K−1, in slot j), then neighbours j and j + 1 (j = 0..K−2, into slot j; the rest
+    close up and the crowd takes its place in the K − 1 buckets left).
 
     **Returns:** (merges, whether two old buckets merged).
     """
     key = crowd.mean_key(side)
     k = len(ring)
-    p = next((j for j, b in enumerate(ring) if b.is_open and b.mean_key(side) > key), k)
     holes = [j for j, b in enumerate(ring) if not b.is_open]
     if holes:
+        p = next((j for j, b in enumerate(ring) if b.is_open and b.mean_key(side) > key), k)
         h = holes[0]
         if h >= p:
             ring[p + 1 : h + 1] = ring[p:h]
@@ -533,11 +534,17 @@ def add_crowd(ring: list, crowd: Bucket, side: int) -> tuple[int, int]:
             ring[h : p - 1] = ring[h + 1 : p]
             ring[p - 1] = crowd
         return 0, 0
-    line = ring[:p] + [crowd] + ring[p:]
-    costs = [merge_cost(line[i], line[i + 1], side) for i in range(k)]
-    i = min(range(k), key=lambda j: (costs[j], j))
-    ring[:] = line[:i] + [merge(line[i], line[i + 1], side)] + line[i + 2 :]
-    return 1, int(p not in (i, i + 1))
+    costs = [merge_cost(ring[j], crowd, side) for j in range(k)]
+    costs += [merge_cost(ring[j], ring[j + 1], side) for j in range(k - 1)]
+    best = min(range(len(costs)), key=lambda i: (costs[i], i))
+    if best < k:
+        ring[best] = merge(ring[best], crowd, side)
+        return 1, 0
+    j = best - k
+    rest = ring[:j] + [merge(ring[j], ring[j + 1], side)] + ring[j + 2 :]
+    p = next((i for i, b in enumerate(rest) if b.mean_key(side) > key), len(rest))
+    ring[:] = rest[:p] + [crowd] + rest[p:]
+    return 1, 1
 
 
 def arbitrage_sizes(L: float, S: float, gamma: float, ratio: float, fee: float):

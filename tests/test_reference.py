@@ -631,18 +631,19 @@ def test_settlement_of_a_chunk():
 
 def test_merge_rule_hand_computed():
     """K = 3 long buckets in ascending key order and a crowd: with a closed slot the crowd
-    takes its place in the order; with none, the cheapest neighbours in key order (cost
-    δ_i δ_j/(δ_i + δ_j) ((q̄_i − q̄_j)² + (a_i − a_j)²), first minimum) merge; the merged
-    spread from the mixture's variance, also against a discretisation. The JAX engine on
-    the same cases."""
+    takes its place in the order; with none, the cheapest of the crowd with a bucket and two
+    neighbouring buckets (cost δ_i δ_j/(δ_i + δ_j) ((q̄_i − q̄_j)² + (a_i − a_j)² +
+    (p̄_i − p̄_j)²), first minimum) merges; the merged spread from the mixture's variance,
+    also against a discretisation. The JAX engine on the same cases."""
 
     def bucket(d, key, a):  # long: n = 2000 δ, c = n − δ q̄ so that (n − c)/δ = q̄ exactly
         return ref.Bucket(d, 2000.0 * d, 2000.0 * d - d * key, a, 1.0, True)
 
     ring = [bucket(1.0, 1000.0, 10.0), bucket(2.0, 1020.0, 20.0), bucket(1.0, 1500.0, 10.0)]
     near = bucket(1.0, 1490.0, 12.0)
-    # In key order: 1000, 1020, crowd 1490, 1500. Neighbour costs: ⅔(20² + 10²) = 333.3,
-    # ⅔(470² + 8²), 0.5(10² + 2²) = 52: the crowd joins the bucket at 1500.
+    # Every entry price is 2000. The crowd with each bucket: 0.5(490² + 2²), ⅔(470² + 8²),
+    # 0.5(10² + 2²) = 52; neighbours: ⅔(20² + 10²) = 333.3, ⅔(480² + 10²): the crowd joins
+    # the bucket at 1500.
     assert ref.merge_cost(ring[2], near, ref.LONG) == pytest.approx(52.0, rel=1e-12)
     assert ref.merge_cost(ring[0], ring[1], ref.LONG) == pytest.approx(1000.0 / 3, rel=1e-12)
     book = list(ring)
@@ -654,8 +655,8 @@ def test_merge_rule_hand_computed():
     assert m.spread == pytest.approx(math.sqrt(197.0), rel=1e-12)
     assert book[:2] == ring[:2]
 
-    # A crowd far above every bucket: 1000 and 1020 merge into slot 0, the rest close up and
-    # the crowd takes the last slot.
+    # A crowd far above every bucket: 1000 and 1020 (333.3) merge into slot 0, the rest close
+    # up and the crowd takes its place, the last slot.
     far = bucket(1.0, 3000.0, 12.0)
     book = list(ring)
     assert ref.add_crowd(book, far, ref.LONG) == (1, 1)
@@ -739,6 +740,45 @@ def test_merge_rule_hand_computed():
     np.testing.assert_array_equal(np.asarray(got.is_open), want["is_open"])
     for name in BOOK_FLOATS:
         np.testing.assert_allclose(np.asarray(getattr(got, name)), want[name], rtol=1e-12)
+
+
+def test_merge_choice_does_not_jump_when_the_crowd_passes_a_bucket():
+    """Buckets at keys 1000 (entry 2000), 1500 (entry 3000) and 1520 (entry 2000), and a
+    crowd entering at 2000 with key 1500 ∓ 1e-7: whichever side of the middle bucket's key
+    it falls, the cheapest merge is the crowd with the bucket at 1520 (cost 0.5·20² = 200,
+    against 0.5·1000² with the middle one). Merging only the crowd's neighbours in key
+    order would join it to the bucket at 1000 below 1500 and to 1520 above: a jump that
+    the pathwise gradient cannot see. The engine agrees."""
+
+    def bucket(key, entry):  # long, δ = 1: n = entry, c = n − q̄
+        return ref.Bucket(1.0, entry, entry - key, 10.0, 1.0, True)
+
+    ring = [bucket(1000.0, 2000.0), bucket(1500.0, 3000.0), bucket(1520.0, 2000.0)]
+    books = []
+    for eps in (-1e-7, 1e-7):
+        book = list(ring)
+        assert ref.add_crowd(book, bucket(1500.0 + eps, 2000.0), ref.LONG) == (1, 0)
+        books.append(book)
+        assert book[:2] == ring[:2]
+        with jax.enable_x64(True):
+            st = ref.RefState(0, np.ones(2), np.ones(2), 1.0, [[list(ring), []]])
+            st.book[0][1] = [ref.Bucket() for _ in range(3)]
+            arrays = ref.book_arrays(st)
+            c = bucket(1500.0 + eps, 2000.0)
+            crowd = market.Crowd(
+                **{
+                    n: jnp.asarray([[getattr(c, n), 0.0]])
+                    for n in ("size", "notional", "margin", "spread", "count")
+                }
+            )
+            got, _, merged = market.add_crowd(jax_book(**arrays), crowd, jnp.array([2000.0]))
+        assert float(merged) == 1.0
+        for name in BOOK_FLOATS:
+            want = [getattr(b, name) for b in book]
+            np.testing.assert_allclose(np.asarray(getattr(got, name))[0, 0], want, rtol=1e-12)
+    for a, b in zip(books[0], books[1], strict=True):
+        assert a.size == b.size and a.notional == b.notional
+        assert a.margin == pytest.approx(b.margin, rel=1e-9)
 
 
 def test_arbitrageur_size_maximises_its_profit():
