@@ -598,7 +598,7 @@ def add_crowd(
       takes its place among the K − 1 left). The candidate set does not change when the
       crowd's key passes a bucket's, so a small change of a parameter changes the choice
       only where two costs tie (merging only neighbours *of the crowd* flipped it whenever
-      its place moved, which biased the pathwise gradient in leverage by 10%). A merge
+      its place moved, which biased the pathwise gradient in leverage by 12%). A merge
       adds δ, n, c and counts (so every trader's PnL, what is reserved and the mean key stay
       exact) and keeps the pair's key variance and the slope of entry price on key.
     Finding the merge costs O(K), not the (K + 1)²/2 pairs of every bucket with every
