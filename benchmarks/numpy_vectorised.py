@@ -8,10 +8,10 @@ What it covers: exactly the features of the per-pool reference `tests/reference.
   sides at the eq. 2 rate, lending fees, LP deposits and withdrawals, deterministic
   fractional exits, trader demand, the profit-maximising funding-rate arbitrageur, the
   collateral-fraction and capacity-sharing acceptance, and K buckets per market and side that
-  merge their cheapest pair when full) and `"passive"` (with optional rebalancing);
+  merge their cheapest candidate pair when full) and `"passive"` (with optional rebalancing);
 - the accounting totals of `ACCOUNT_FIELDS` and the identity check.
-Not covered (as in the reference): target-weight arbitrage (`pool.discount` must be "none"),
-swap arbitrage, the delta hedge, the bootstrap path model, antithetic draws, the online
+Not covered (the loop reference, `tests/reference.py`, covers the first): target-weight
+arbitrage (`pool.discount` must be "none"), swap arbitrage, the delta hedge, the bootstrap path model, antithetic draws, the online
 return statistics (`SimState.stats`) and the numerical guard codes. So it does a little less
 work per step than the JAX step; the throughput ratios it gives are, if anything, in the
 baseline's favour.
