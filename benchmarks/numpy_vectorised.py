@@ -11,10 +11,10 @@ What it covers: exactly the features of the per-pool reference `tests/reference.
   merge their cheapest candidate pair when full) and `"passive"` (with optional rebalancing);
 - the accounting totals of `ACCOUNT_FIELDS` and the identity check.
 Not covered (the loop reference, `tests/reference.py`, covers the first): target-weight
-arbitrage (`pool.discount` must be "none"), swap arbitrage, the delta hedge, the bootstrap path model, antithetic draws, the online
-return statistics (`SimState.stats`) and the numerical guard codes. So it does a little less
-work per step than the JAX step; the throughput ratios it gives are, if anything, in the
-baseline's favour.
+arbitrage (`pool.discount` must be "none"), swap arbitrage, the delta hedge, the bootstrap
+path model, antithetic draws, the online return statistics (`SimState.stats`) and the
+numerical guard codes. So it does a little less work per step than the JAX step; the
+throughput ratios it gives are, if anything, in the baseline's favour.
 
 The book (spec §Buckets). A request on (market, side) is a *crowd* of traders entering at
 the step's price p, their margin fractions m uniform on [m̄(1 − w), m̄(1 + w)] (m̄ = 1 /
